@@ -1,0 +1,63 @@
+"""The one ``Definitions`` of the code location: jobs, assets, sensors, schedules, resources."""
+
+import os
+
+import dagster as dg
+
+from .nas.assets import design_images, nas_partitions
+from .resources import build_resources
+from .schema.discovery import discover
+from .schema.jobs import COMPLEX_JOB, STARTUP_JOB, build_migration_job
+from .settings import migrations_dir
+
+NAS_IMPORT_JOB = "nas_import"
+
+migration_plan = discover(migrations_dir())
+startup_job = build_migration_job("startup", migration_plan, STARTUP_JOB)
+complex_migrations_job = build_migration_job("complex", migration_plan, COMPLEX_JOB)
+
+
+def nas_import_run_config(max_concurrent: int | None = None) -> dict:
+    """Default run config of the import; every value can be changed in the launchpad."""
+    workers = max_concurrent or int(os.environ.get("NAS_MAX_CONCURRENT", "0") or 0) or (os.cpu_count() or 2)
+    return {
+        "execution": {
+            "config": {
+                "multiprocess": {
+                    "max_concurrent": workers,
+                    # Steps fork from a server that has already imported the project,
+                    # so a batch step starts in milliseconds instead of seconds.
+                    "start_method": {"forkserver": {"preload_modules": ["craftflow_migrations.definitions"]}},
+                }
+            }
+        },
+        "ops": {"design_images": {"ops": {"plan_nas_batches": {"config": {"parallel_batches": workers}}}}},
+    }
+
+
+nas_import_job = dg.define_asset_job(
+    NAS_IMPORT_JOB,
+    selection=[design_images],
+    partitions_def=nas_partitions,
+    config=nas_import_run_config(),
+    description="Import one <shop>/<template> folder of the NAS into design_images.",
+)
+
+defs = dg.Definitions(
+    assets=[design_images],
+    jobs=[startup_job, complex_migrations_job, nas_import_job],
+    resources=build_resources(),
+)
+
+
+# Module-level factories so `reconstructable` can rebuild each job in another process.
+def startup_job_factory() -> dg.JobDefinition:
+    return defs.resolve_job_def(STARTUP_JOB)
+
+
+def complex_migrations_job_factory() -> dg.JobDefinition:
+    return defs.resolve_job_def(COMPLEX_JOB)
+
+
+def nas_import_job_factory() -> dg.JobDefinition:
+    return defs.resolve_job_def(NAS_IMPORT_JOB)

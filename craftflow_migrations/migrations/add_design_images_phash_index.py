@@ -1,0 +1,22 @@
+"""
+Migration: pHash index on design_images, built without blocking imports
+
+CREATE INDEX CONCURRENTLY cannot run in a transaction, hence TRANSACTIONAL = False; the
+helper rebuilds an INVALID index left by an earlier failed build.
+"""
+
+from craftflow_migrations.schema.helpers import create_index_concurrently
+from sqlalchemy import text
+
+DEPENDS_ON = ["add_design_images"]
+TRANSACTIONAL = False
+
+
+def upgrade(connection):
+    create_index_concurrently(
+        connection, "design_images_phash_idx", "design_images", "phash", where="status = 'ok'"
+    )
+
+
+def downgrade(connection):
+    connection.execute(text("DROP INDEX CONCURRENTLY IF EXISTS design_images_phash_idx"))

@@ -1,0 +1,159 @@
+"""Import one batch of files: fetch, hash, upsert. Plain Python, no Dagster.
+
+The next file is fetched on a thread while the current one is hashed, so network and
+CPU overlap. Rows are committed every few files, which is what makes a killed run
+resumable: committed files are unchanged on the next scan and are not fetched again.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy.engine import Engine
+
+from . import store
+from .client import NasClient, NasFile
+from .hashing import ImageFacts, describe_image
+
+MB = 1024 * 1024
+log = logging.getLogger("craftflow_migrations.nas")
+
+
+@dataclass
+class BatchResult:
+    label: str
+    files: int = 0
+    imported: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_read / MB / self.seconds if self.seconds > 0 else 0.0
+
+
+class Progress:
+    """Log lines with files, MB, MB/s and ETA, at most every ``every_s`` seconds."""
+
+    def __init__(self, label: str, total_files: int, total_bytes: int, logger, every_s: float = 5.0):
+        self.label, self.total_files, self.total_bytes = label, total_files, total_bytes
+        self.logger, self.every_s = logger, every_s
+        self.started = self.last = time.monotonic()
+        self.files = self.bytes = 0
+
+    def advance(self, nbytes: int) -> None:
+        self.files += 1
+        self.bytes += nbytes
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.files == self.total_files:
+            self.last = now
+            self.logger.info(self.line())
+
+    def line(self) -> str:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        rate = self.bytes / MB / elapsed
+        left = (self.total_bytes - self.bytes) / MB
+        eta = left / rate if rate > 0 else 0.0
+        return (
+            f"{self.label}: {self.files}/{self.total_files} files, "
+            f"{self.bytes / MB:,.1f}/{self.total_bytes / MB:,.1f} MB, {rate:,.1f} MB/s, ETA {eta:,.0f}s"
+        )
+
+
+_DONE = object()
+
+
+def _prefetch(client: NasClient, files: Sequence[NasFile], out: queue.Queue, stop: threading.Event) -> None:
+    for f in files:
+        if stop.is_set():
+            return
+        try:
+            item = (f, client.read(f.path), None)
+        except FileNotFoundError as exc:
+            item = (f, None, exc)  # gone between listing and reading: recorded, not fatal
+        except BaseException as exc:  # a dropped connection ends the batch; it is retried whole
+            out.put((f, None, exc))
+            return
+        out.put(item)
+    out.put(_DONE)
+
+
+def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], label: str = "batch",
+                 logger: logging.Logger | None = None, pipelined: bool = True,
+                 flush_every: int = 16, flush_bytes: int = 256 * MB,
+                 on_file: Callable[[NasFile], None] | None = None) -> BatchResult:
+    """Fetch, hash and store ``files``. Bad files are recorded; an unreachable NAS raises."""
+    logger = logger or log
+    result = BatchResult(label)
+    started = time.monotonic()
+
+    # A retried batch skips what an earlier attempt already committed.
+    if files:
+        with engine.connect() as conn:
+            known = store.known_rows(conn, files[0].shop, files[0].template)
+        todo = [f for f in files if not (known.get(f.path) and known[f.path].is_current(f))]
+        result.skipped = len(files) - len(todo)
+    else:
+        todo = []
+    progress = Progress(label, len(todo), sum(f.size for f in todo), logger)
+    pending: list[dict] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        with engine.begin() as conn:
+            store.upsert(conn, pending)
+        pending, pending_bytes = [], 0
+
+    def handle(f: NasFile, data: bytes | None, error: BaseException | None) -> None:
+        nonlocal pending_bytes
+        if error is not None and not isinstance(error, FileNotFoundError):
+            raise error
+        if data is None:
+            facts = ImageFacts(None, None, None, None, None, "file disappeared before it could be read")
+        else:
+            facts = describe_image(data)
+            result.bytes_read += len(data)
+        if facts.error:
+            result.failed += 1
+            logger.warning(f"{f.path}: {facts.error}")
+        else:
+            result.imported += 1
+        pending.append(store.row_for(f, facts))
+        pending_bytes += f.size
+        progress.advance(len(data or b""))
+        if on_file:
+            on_file(f)
+        if len(pending) >= flush_every or pending_bytes >= flush_bytes:
+            flush()
+
+    if pipelined and len(todo) > 1:
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        worker = threading.Thread(target=_prefetch, args=(client, todo, q, stop), daemon=True)
+        worker.start()
+        try:
+            while (item := q.get()) is not _DONE:
+                handle(*item)
+        finally:
+            stop.set()
+            while not q.empty():
+                q.get_nowait()
+            worker.join(timeout=30)
+    else:
+        for f in todo:
+            try:
+                handle(f, client.read(f.path), None)
+            except FileNotFoundError as exc:
+                handle(f, None, exc)
+    flush()
+    result.files = len(files)
+    result.seconds = time.monotonic() - started
+    return result

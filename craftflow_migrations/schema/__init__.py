@@ -1,0 +1,1 @@
+"""The migration engine: discovery, ledger and runner. Knows nothing of Dagster or the NAS."""
