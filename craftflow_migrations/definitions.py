@@ -5,6 +5,7 @@ import os
 import dagster as dg
 
 from .nas.assets import design_images, nas_partitions
+from .nas.sensors import build_import_after_startup_sensor, build_nas_scan_sensor
 from .resources import build_resources
 from .schema.discovery import discover
 from .schema.jobs import COMPLEX_JOB, STARTUP_JOB, build_migration_job
@@ -38,14 +39,26 @@ def nas_import_run_config(max_concurrent: int | None = None) -> dict:
 nas_import_job = dg.define_asset_job(
     NAS_IMPORT_JOB,
     selection=[design_images],
-    partitions_def=nas_partitions,
     config=nas_import_run_config(),
     description="Import one <shop>/<template> folder of the NAS into design_images.",
+)
+
+complex_migrations_schedule = dg.ScheduleDefinition(
+    name="complex_migrations_weekly",
+    job=complex_migrations_job,
+    cron_schedule="0 3 * * 0",
+    default_status=dg.DefaultScheduleStatus.STOPPED,
+    description="Apply pending complex migrations on Sunday night (off until turned on).",
 )
 
 defs = dg.Definitions(
     assets=[design_images],
     jobs=[startup_job, complex_migrations_job, nas_import_job],
+    sensors=[
+        build_nas_scan_sensor(nas_import_job, nas_partitions),
+        build_import_after_startup_sensor(startup_job, nas_import_job, nas_partitions),
+    ],
+    schedules=[complex_migrations_schedule],
     resources=build_resources(),
 )
 

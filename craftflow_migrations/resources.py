@@ -15,23 +15,45 @@ from .db import PostgresResource
 from .nas.resource import NasResource
 from .settings import DEFAULT_NAS_BASE_PATH
 
+# NasResource field -> (environment variable, default when unset)
+NAS_ENV = {
+    "host": ("QNAP_HOST", ""),
+    "username": ("QNAP_USERNAME", ""),
+    "password": ("QNAP_PASSWORD", ""),
+    "port": ("QNAP_PORT", 22),
+    "base_path": ("NAS_BASE_PATH", DEFAULT_NAS_BASE_PATH),
+    "key_file": ("QNAP_KEY_FILE", ""),
+    "known_hosts": ("QNAP_KNOWN_HOSTS", ""),
+    "host_key_fingerprint": ("QNAP_HOST_KEY_FINGERPRINT", ""),
+    "use_batched": ("NAS_USE_BATCHED", "true"),
+}
 
-def _env(name: str, default: str = "") -> str:
-    return dg.EnvVar(name) if os.environ.get(name, "").strip() else default
+
+def _is_set(name: str) -> bool:
+    return bool(os.environ.get(name, "").strip())
+
+
+def nas_resource() -> NasResource:
+    values = {}
+    for field, (env, default) in NAS_ENV.items():
+        if not _is_set(env):
+            values[field] = default
+        else:
+            values[field] = dg.EnvVar.int(env) if field == "port" else dg.EnvVar(env)
+    return NasResource(**values)
+
+
+def nas_from_env() -> NasResource:
+    """The NAS resource with values read now, for code that runs outside a Dagster step."""
+    values = {}
+    for field, (env, default) in NAS_ENV.items():
+        raw = os.environ.get(env, "").strip()
+        values[field] = (int(raw) if field == "port" else raw) if raw else default
+    return NasResource(**values)
 
 
 def build_resources() -> dict[str, dg.ConfigurableResource]:
     return {
         "postgres": PostgresResource(database_url=dg.EnvVar("DATABASE_URL")),
-        "nas": NasResource(
-            host=_env("QNAP_HOST"),
-            username=_env("QNAP_USERNAME"),
-            password=_env("QNAP_PASSWORD"),
-            port=dg.EnvVar.int("QNAP_PORT") if os.environ.get("QNAP_PORT", "").strip() else 22,
-            base_path=_env("NAS_BASE_PATH", DEFAULT_NAS_BASE_PATH),
-            key_file=_env("QNAP_KEY_FILE"),
-            known_hosts=_env("QNAP_KNOWN_HOSTS"),
-            host_key_fingerprint=_env("QNAP_HOST_KEY_FINGERPRINT"),
-            use_batched=_env("NAS_USE_BATCHED", "true"),
-        ),
+        "nas": nas_resource(),
     }

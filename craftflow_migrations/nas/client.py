@@ -61,6 +61,18 @@ def partition_key(shop: str, template: str) -> str:
     return f"{shop}/{template}"
 
 
+# Dagster refuses these inside partition keys ("..." is its range syntax).
+_BAD_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
+
+
+def unusable_name(name: str) -> str | None:
+    """Why a folder name cannot be a partition key part, or None when it can."""
+    for bad in _BAD_IN_KEYS:
+        if bad in name:
+            return f"folder name {name!r} contains {bad!r}, which Dagster partition keys cannot hold; rename it"
+    return None
+
+
 class NasClient(Protocol):
     description: str
 

@@ -1,0 +1,215 @@
+"""``craftflow-migrate``: the one-shot worker and the operator's commands.
+
+Exit codes: 0 success, 1 a migration or import failed, 2 configuration or connection
+problem (bad MIGRATION_MODE, DATABASE_URL missing or unreachable, NAS not configured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import uuid
+
+from . import settings
+from .db import DatabaseConnectionError, check_connection, get_engine, redact
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+
+def _out(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _database_url() -> str:
+    url = settings.database_url()
+    check_connection(url)
+    return url
+
+
+def _print_outcome(title: str, outcome, applied: list[str] | None = None) -> None:
+    state = "ok" if outcome.success else "FAILED"
+    extra = f", applied: {', '.join(applied) if applied else 'nothing (already at head)'}" if applied is not None else ""
+    _out(f"{title}: {state} (run {outcome.run_id}){extra}")
+    for failure in outcome.failures:
+        _out(f"  ❌ {failure}")
+    if outcome.skipped:
+        _out(f"  skipped because a dependency failed: {', '.join(outcome.skipped)}")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import worker
+    from .instance import get_instance
+
+    mode = args.mode or settings.migration_mode()
+    url = _database_url()
+    instance = get_instance()
+    _out(f"craftflow-migrate: MIGRATION_MODE={mode}, Dagster instance {instance.root_directory}")
+    ok = True
+
+    if mode in ("all", "startup"):
+        outcome = worker.run_startup(instance)
+        _print_outcome("Startup migrations", outcome, worker.applied_in_run(url, outcome.run_id))
+        ok &= outcome.success
+        if not outcome.success and mode == "all":
+            _out("NAS import and complex migrations not run: the schema is not at head")
+            return EXIT_FAILED
+
+    if mode in ("all", "nas-only"):
+        try:
+            outcomes = worker.run_nas_import(instance)
+        except worker.NasNotConfigured as exc:
+            if mode == "nas-only":
+                _out(f"❌ NAS credentials not configured: {exc}")
+                return EXIT_CONFIG
+            _out("⚠️ NAS credentials not configured, skipping NAS migration")
+            outcomes = None
+        except worker.NasError as exc:
+            _out(f"❌ NAS import failed: {exc}")
+            return EXIT_FAILED if mode == "all" else EXIT_CONFIG
+        if outcomes is not None:
+            totals = {"files_imported": 0, "files_unchanged": 0, "files_failed": 0, "files_removed": 0}
+            for o in outcomes:
+                summary = next((m for k, m in o.metadata.items() if k.endswith("summarize_nas_import")), {})
+                for key in totals:
+                    totals[key] += int(summary.get(key, 0) or 0)
+                if not o.success:
+                    _print_outcome(f"NAS import {o.partition}", o)
+                ok &= o.success
+            failed_runs = sum(1 for o in outcomes if not o.success)
+            _out(
+                f"NAS import: {len(outcomes)} partitions ({failed_runs} failed), "
+                + ", ".join(f"{v} {k.removeprefix('files_')}" for k, v in totals.items())
+            )
+
+    if mode in ("all", "complex"):
+        outcome = worker.run_complex(instance)
+        _print_outcome("Complex migrations", outcome, worker.applied_in_run(url, outcome.run_id))
+        ok &= outcome.success
+
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import worker
+    from .instance import get_instance
+
+    _database_url()
+    instance = get_instance()
+    batch_id = uuid.uuid4().hex[:8]
+    try:
+        outcomes = worker.run_nas_import(instance, partitions=args.partition or None, shop=args.shop,
+                                         extra_tags={"craftflow/import": batch_id})
+    except worker.NasNotConfigured as exc:
+        _out(f"❌ NAS credentials not configured: {exc}")
+        return EXIT_CONFIG
+    except worker.NasError as exc:
+        _out(f"❌ {exc}")
+        return EXIT_CONFIG
+    if not outcomes:
+        _out(f"No partitions matched{f' shop {args.shop!r}' if args.shop else ''}")
+        return EXIT_FAILED
+    for o in outcomes:
+        summary = next((m for k, m in o.metadata.items() if k.endswith("summarize_nas_import")), {})
+        _out(f"{o.partition}: {'ok' if o.success else 'FAILED'} (run {o.run_id}) "
+             + ", ".join(f"{k}={v}" for k, v in summary.items() if k.startswith("files_")))
+        for failure in o.failures:
+            _out(f"  ❌ {failure}")
+    return EXIT_OK if all(o.success for o in outcomes) else EXIT_FAILED
+
+
+def _plan():
+    from .schema.discovery import discover
+
+    return discover(settings.migrations_dir())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .schema import ledger
+
+    url = _database_url()
+    plan = _plan()
+    with get_engine(url).connect() as conn:
+        rows = ledger.status(conn, plan.migrations)
+    if args.json:
+        _out(json.dumps([{**r.__dict__, "applied_at": r.applied_at.isoformat() if r.applied_at else None}
+                         for r in rows], indent=2))
+    else:
+        _out(f"{'migration':45} {'kind':8} {'state':9} {'file sha256':14} {'ledger sha256':14} applied at")
+        for r in rows:
+            _out(f"{r.name:45} {r.kind:8} {r.state:9} {(r.file_checksum or '-')[:12]:14} "
+                 f"{(r.ledger_checksum or '-')[:12]:14} {r.applied_at:%Y-%m-%d %H:%M:%S}" if r.applied_at else
+                 f"{r.name:45} {r.kind:8} {r.state:9} {(r.file_checksum or '-')[:12]:14} {'-':14} -")
+        for error in plan.errors:
+            _out(f"❌ {error}")
+        for m in plan.migrations:
+            if m.load_error:
+                _out(f"❌ {m.load_error}")
+    bad = plan.errors or any(r.state in ("drifted", "broken") for r in rows)
+    return EXIT_FAILED if bad else EXIT_OK
+
+
+def cmd_downgrade(args: argparse.Namespace) -> int:
+    from .schema import runner
+
+    url = _database_url()
+    try:
+        undone = runner.downgrade_to(get_engine(url), _plan(), args.to, settings.MigrationSettings.from_env())
+    except runner.MigrationError as exc:
+        _out(f"❌ {redact(str(exc), url)}")
+        return EXIT_FAILED
+    _out(f"Downgraded to {args.to}: rolled back {', '.join(undone) if undone else 'nothing'}")
+    return EXIT_OK
+
+
+def cmd_repair(args: argparse.Namespace) -> int:
+    from .schema import ledger
+
+    url = _database_url()
+    by_name = _plan().by_name()
+    if args.name not in by_name:
+        _out(f"❌ No migration named {args.name!r} in {settings.migrations_dir()}")
+        return EXIT_FAILED
+    with get_engine(url).begin() as conn:
+        changed = ledger.accept_checksum(conn, by_name[args.name])
+    _out(f"Accepted the current file of {args.name}" if changed else f"{args.name}: ledger already matches the file")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="craftflow-migrate", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run MIGRATION_MODE (the default command)")
+    run.add_argument("--mode", choices=settings.MODES, help="override MIGRATION_MODE")
+    run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="applied, pending and drifted migrations with checksums")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=cmd_status)
+    down = sub.add_parser("downgrade", help="roll back every migration applied after NAME")
+    down.add_argument("--to", required=True, metavar="NAME")
+    down.set_defaults(func=cmd_downgrade)
+    repair = sub.add_parser("repair", help="accept the edited file of an applied migration (checksum drift)")
+    repair.add_argument("name")
+    repair.set_defaults(func=cmd_repair)
+    imp = sub.add_parser("import", help="import NAS partitions now: all, one shop, or named ones")
+    imp.add_argument("--shop", help="every <template> of this shop")
+    imp.add_argument("--partition", action="append", help="a <shop>/<template> key (repeatable)")
+    imp.set_defaults(func=cmd_import)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "func", None):
+        args = build_parser().parse_args(["run", *(argv or [])])
+    try:
+        return args.func(args)
+    except (settings.ConfigError, DatabaseConnectionError) as exc:
+        _out(f"❌ {exc}")
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Automation for the NAS import: a scan sensor and the chain from the startup job.
+
+The scan sensor keeps one fingerprint per partition in its cursor (a digest of every
+file's path, size and mtime), so a tick only requests runs for folders that are new or
+changed, never a full re-import.
+"""
+
+import hashlib
+import json
+
+import dagster as dg
+
+from ..db import PostgresResource
+from ..schema import runner
+from ..schema.discovery import discover
+from ..settings import migrations_dir
+from .client import NasError, NasFile, partition_key, unusable_name
+from .resource import NasResource
+
+DESIGN_IMAGES = dg.AssetKey("design_images")
+
+
+def listing_fingerprint(files: list[NasFile]) -> str:
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.path}\0{f.size}\0{f.mtime:.6f}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def pending_startup_migrations(postgres: PostgresResource) -> list[str]:
+    plan = discover(migrations_dir())
+    return plan.errors + runner.pending(postgres.engine, plan.of_kind("startup"))
+
+
+def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
+                          interval_s: int = 300) -> dg.SensorDefinition:
+    @dg.sensor(
+        name="nas_scan_sensor",
+        job=job,
+        minimum_interval_seconds=interval_s,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="Scan the NAS; add new <shop>/<template> partitions and import new or changed ones.",
+    )
+    def nas_scan_sensor(context: dg.SensorEvaluationContext, nas: NasResource, postgres: PostgresResource):
+        if nas.missing():
+            return dg.SkipReason(f"NAS credentials not configured: set {', '.join(nas.missing())}")
+        pending = pending_startup_migrations(postgres)
+        if pending:
+            return dg.SkipReason(f"Schema is not at head (pending: {', '.join(pending)}); waiting for the startup job")
+        seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
+        current: dict[str, str] = {}
+        try:
+            client = nas.open()
+            try:
+                for shop, template in client.list_partitions():
+                    problem = unusable_name(shop) or unusable_name(template)
+                    if problem:
+                        context.log.warning(f"Skipping {shop}/{template}: {problem}")
+                        continue
+                    key = partition_key(shop, template)
+                    current[key] = listing_fingerprint(client.list_files(shop, template))
+            finally:
+                client.close()
+        except NasError as exc:
+            return dg.SkipReason(f"NAS not reachable: {exc}")
+        known = set(context.instance.get_dynamic_partitions(partitions.name))
+        new_keys = sorted(k for k in current if k not in known)
+        changed = sorted(k for k, fp in current.items() if seen.get(k) != fp)
+        context.log.info(f"{len(current)} partitions on the NAS, {len(new_keys)} new, {len(changed)} new or changed")
+        return dg.SensorResult(
+            run_requests=[dg.RunRequest(partition_key=k, run_key=f"{k}@{current[k]}") for k in changed],
+            dynamic_partitions_requests=[partitions.build_add_request(new_keys)] if new_keys else [],
+            cursor=json.dumps(current, sort_keys=True),
+        )
+
+    return nas_scan_sensor
+
+
+def build_import_after_startup_sensor(startup_job: dg.JobDefinition, job,
+                                      partitions: dg.DynamicPartitionsDefinition) -> dg.SensorDefinition:
+    @dg.run_status_sensor(
+        name="import_after_startup",
+        run_status=dg.DagsterRunStatus.SUCCESS,
+        monitored_jobs=[startup_job],
+        request_job=job,
+        default_status=dg.DefaultSensorStatus.STOPPED,
+        description="When the startup job succeeds, import every partition not yet materialized.",
+    )
+    def import_after_startup(context: dg.RunStatusSensorContext):
+        done = context.instance.get_materialized_partitions(DESIGN_IMAGES)
+        keys = [k for k in context.instance.get_dynamic_partitions(partitions.name) if k not in done]
+        if not keys:
+            return dg.SkipReason("Every known partition is already imported")
+        return [dg.RunRequest(partition_key=k, run_key=f"{context.dagster_run.run_id}:{k}") for k in keys]
+
+    return import_after_startup

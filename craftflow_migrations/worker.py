@@ -1,0 +1,134 @@
+"""Run the service's modes as Dagster runs on an instance, so they show up in the UI.
+
+``MIGRATION_MODE=all``: startup job, then one NAS import run per <shop>/<template>
+partition, then complex migrations. Each run is a real Dagster run (``execute_job``),
+with the NAS import's batches hashed in parallel by the multiprocess executor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import dagster as dg
+from sqlalchemy import text
+
+from .db import get_engine
+from .nas.client import NasError, partition_key, unusable_name
+from .resources import nas_from_env
+
+log = logging.getLogger("craftflow_migrations.worker")
+
+
+@dataclass
+class RunOutcome:
+    job: str
+    run_id: str
+    success: bool
+    partition: str | None = None
+    failures: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    metadata: dict[str, dict] = field(default_factory=dict)
+
+
+LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstance,
+             tags: dict[str, str] | None = None, run_config: dict | None = None) -> RunOutcome:
+    run_config = {**LOG_CONFIG, **(run_config or {})}
+    with dg.execute_job(dg.reconstructable(factory), instance, tags=tags, run_config=run_config) as result:
+        outcome = RunOutcome(result.job_def.name, result.run_id, result.success,
+                             partition=(tags or {}).get("dagster/partition"))
+        for event in result.all_events:
+            if event.is_step_failure:
+                data = event.step_failure_data
+                message = (data.user_failure_data.description if data.user_failure_data and
+                           data.user_failure_data.description else data.error.message.strip() if data.error else "")
+                outcome.failures.append(f"{event.step_key}: {message.splitlines()[0] if message else 'failed'}")
+            elif event.is_successful_output:
+                meta = event.step_output_data.metadata
+                outcome.metadata[event.step_key] = {k: getattr(v, "value", v) for k, v in meta.items()}
+        started = {e.step_key for e in result.all_events if e.is_step_start}
+        if not result.success:
+            # Dagster abandons the dependents of a failed step without a step event.
+            outcome.skipped = sorted(
+                n.name for n in result.job_def.nodes
+                if not any(k == n.name or k.startswith(f"{n.name}.") or k.startswith(f"{n.name}[") for k in started)
+            )
+        if not result.success and not outcome.failures:
+            outcome.failures.append("run failed before any step ran (see the run in the Dagster UI)")
+    return outcome
+
+
+def run_startup(instance: dg.DagsterInstance) -> RunOutcome:
+    from .definitions import startup_job_factory
+
+    return _execute(startup_job_factory, instance)
+
+
+def run_complex(instance: dg.DagsterInstance) -> RunOutcome:
+    from .definitions import complex_migrations_job_factory
+
+    return _execute(complex_migrations_job_factory, instance)
+
+
+def applied_in_run(database_url: str, run_id: str) -> list[str]:
+    with get_engine(database_url).connect() as conn:
+        return list(conn.execute(
+            text("SELECT name FROM craftflow_schema_migrations WHERE dagster_run_id = :r ORDER BY applied_at"),
+            {"r": run_id},
+        ).scalars())
+
+
+class NasNotConfigured(RuntimeError):
+    pass
+
+
+def discover_partitions(instance: dg.DagsterInstance) -> list[str]:
+    """List <shop>/<template> folders on the NAS and register them as partitions."""
+    from .nas.assets import nas_partitions
+
+    nas = nas_from_env()
+    missing = nas.missing()
+    if missing:
+        raise NasNotConfigured(f"set {', '.join(missing)}")
+    client = nas.open()
+    try:
+        pairs = client.list_partitions()
+    finally:
+        client.close()
+    keys = []
+    for shop, template in pairs:
+        problem = unusable_name(shop) or unusable_name(template)
+        if problem:
+            log.warning(f"Skipping {shop}/{template}: {problem}")
+            continue
+        keys.append(partition_key(shop, template))
+    known = set(instance.get_dynamic_partitions(nas_partitions.name))
+    new = [k for k in keys if k not in known]
+    if new:
+        instance.add_dynamic_partitions(nas_partitions.name, new)
+    return keys
+
+
+def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
+                   shop: str | None = None, extra_tags: dict[str, str] | None = None,
+                   run_config: dict | None = None) -> list[RunOutcome]:
+    """One Dagster run per partition: all of them, the given ones, or every template of ``shop``."""
+    from .definitions import nas_import_job_factory, nas_import_run_config
+
+    keys = list(partitions) if partitions else discover_partitions(instance)
+    if shop is not None:
+        keys = [k for k in keys if k.split("/", 1)[0] == shop]
+    outcomes = []
+    for key in keys:
+        tags = {"dagster/partition": key, **(extra_tags or {})}
+        outcomes.append(_execute(nas_import_job_factory, instance, tags=tags,
+                                 run_config=run_config or nas_import_run_config()))
+    return outcomes
+
+
+__all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run", "discover_partitions",
+           "run_complex", "run_nas_import", "run_startup"]

@@ -1,0 +1,204 @@
+"""Real services for the tests: PostgreSQL databases, an OpenSSH sshd, generated images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import psycopg2
+from PIL import Image
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def _reachable(url: str) -> bool:
+    try:
+        psycopg2.connect(url, connect_timeout=3).close()
+        return True
+    except psycopg2.OperationalError:
+        return False
+
+
+class PostgresServer:
+    """The machine's PostgreSQL, or an embedded one (pgserver) where none runs."""
+
+    def __init__(self) -> None:
+        self.admin_url = os.environ.get("CRAFTFLOW_TEST_PG_ADMIN_URL", DEFAULT_ADMIN_URL)
+        self._embedded = None
+        if not _reachable(self.admin_url):
+            import pgserver
+
+            self._dir = tempfile.mkdtemp(prefix="cfm-pg-")
+            self._embedded = pgserver.get_server(self._dir, cleanup_mode="stop")
+            self.admin_url = self._embedded.get_uri()
+
+    def _admin(self):
+        conn = psycopg2.connect(self.admin_url)
+        conn.autocommit = True
+        return conn
+
+    def create_database(self, prefix: str = "cfm_test") -> str:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        conn = self._admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        base = self.admin_url.rsplit("/", 1)[0]
+        return f"{base}/{name}"
+
+    def drop_database(self, url: str) -> None:
+        name = url.rsplit("/", 1)[1].split("?")[0]
+        conn = self._admin()
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            conn.close()
+
+    def stop(self) -> None:
+        if self._embedded is not None:
+            self._embedded.cleanup()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SshServer:
+    """OpenSSH's sshd on a loopback port with throwaway host and user keys."""
+
+    def __init__(self, workdir: Path) -> None:
+        sshd = shutil.which("sshd") or "/usr/sbin/sshd"
+        if not Path(sshd).exists():
+            raise RuntimeError("sshd is not installed: run scripts/setup.sh (apt-get install openssh-server)")
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.host_key = self.dir / "ssh_host_ed25519_key"
+        self.user_key = self.dir / "id_ed25519"
+        for key in (self.host_key, self.user_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+        (self.dir / "authorized_keys").write_text(Path(f"{self.user_key}.pub").read_text())
+        self.user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        config = self.dir / "sshd_config"
+        config.write_text(
+            f"""Port {self.port}
+ListenAddress 127.0.0.1
+HostKey {self.host_key}
+PidFile {self.dir}/sshd.pid
+AuthorizedKeysFile {self.dir}/authorized_keys
+StrictModes no
+PubkeyAuthentication yes
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+PermitRootLogin yes
+UsePAM no
+AllowUsers {self.user}
+Subsystem sftp internal-sftp
+LogLevel ERROR
+MaxStartups 50
+MaxSessions 50
+"""
+        )
+        Path("/run/sshd").mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"sshd exited: {self.proc.stderr.read().decode()}")
+                time.sleep(0.05)
+        self.known_hosts = self.dir / "known_hosts"
+        pub = Path(f"{self.host_key}.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+
+    def env(self, base_path: Path, port: int | None = None) -> dict[str, str]:
+        return {
+            "QNAP_HOST": "127.0.0.1",
+            "QNAP_PORT": str(port or self.port),
+            "QNAP_USERNAME": self.user,
+            "QNAP_KEY_FILE": str(self.user_key),
+            "QNAP_KNOWN_HOSTS": str(self.known_hosts),
+            "NAS_BASE_PATH": str(base_path),
+        }
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def noise_image(width: int, height: int, seed: int, mode: str = "RGBA") -> Image.Image:
+    """Random pixels compress badly, so a few of them make a large corpus fast."""
+    rng = np.random.default_rng(seed)
+    channels = len(mode)
+    data = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return Image.fromarray(data, mode)
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth picture with structure (gradients and shapes), closer to a real design."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.zeros((height, width, 3), np.float32)
+    for c in range(3):
+        fx, fy, phase = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(0, 6.28)
+        img[..., c] = 127 + 100 * np.sin(x / width * fx * 6.28 + phase) * np.cos(y / height * fy * 6.28)
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(0.05, 0.25) * width
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < r * r
+        img[mask] = rng.uniform(0, 255, 3)
+    img += rng.normal(0, 6, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_corpus(root: Path, layout: dict[tuple[str, str], int], size: tuple[int, int] = (640, 480),
+                 seed: int = 0) -> list[Path]:
+    """``layout``: (shop, template) -> number of images; alternates RGBA PNG and JPEG."""
+    paths = []
+    for (shop, template), count in layout.items():
+        folder = root / shop / template
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            seed += 1
+            if i % 2 == 0:
+                p = folder / f"design {i:03d}.png"
+                noise_image(*size, seed).save(p, compress_level=1)
+            else:
+                p = folder / f"design {i:03d}.jpg"
+                photo_like(*size, seed).save(p, quality=92)
+            paths.append(p)
+    return paths
+
+
+def write_bad_files(folder: Path) -> dict[str, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    good = folder / "whole.png"
+    noise_image(200, 150, 99).save(good)
+    data = good.read_bytes()
+    files = {
+        "truncated": folder / "truncated.png",
+        "empty": folder / "empty.jpg",
+        "text": folder / "notes.png",
+    }
+    files["truncated"].write_bytes(data[: len(data) // 2])
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("this is not an image\n")
+    return files

@@ -1,0 +1,115 @@
+"""craftflow-migrate as operators run it: subprocesses with the service's environment."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from sqlalchemy import text
+
+from craftflow_migrations.db import get_engine
+
+from .conftest import cli_env
+
+CLI = [sys.executable, "-m", "craftflow_migrations.cli"]
+
+
+def run_cli(*args: str, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_startup_mode_applies_then_is_a_noop(database_url, dagster_home):
+    env = cli_env(MIGRATION_MODE="startup")
+    first = run_cli(env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Startup migrations: ok" in first.stdout and "add_multi_tenant_schema" in first.stdout
+    second = run_cli(env=env)
+    assert second.returncode == 0
+    assert "applied: nothing (already at head)" in second.stdout
+    status = run_cli("status", env=env)
+    assert status.returncode == 0
+    assert "run_canvas_size_migration" in status.stdout and "pending" in status.stdout
+    # the runs are recorded in the instance at DAGSTER_HOME, so they appear in the UI
+    assert any((dagster_home / "history").iterdir())
+
+
+def test_database_errors_are_one_clear_line_without_password(dagster_home):
+    env = cli_env(DATABASE_URL="postgresql://app:Hunter2Secret@127.0.0.1:1/craftflow", MIGRATION_MODE="startup")
+    result = run_cli(env=env)
+    assert result.returncode == 2
+    assert result.stdout.startswith("❌ Database connection failed:")
+    assert "Hunter2Secret" not in result.stdout + result.stderr
+    missing = run_cli(env={k: v for k, v in env.items() if k != "DATABASE_URL"})
+    assert missing.returncode == 2 and "Database connection failed: DATABASE_URL is not set" in missing.stdout
+    bad_mode = run_cli(env={**env, "MIGRATION_MODE": "everything"})
+    assert bad_mode.returncode == 2 and "MIGRATION_MODE='everything' is not one of" in bad_mode.stdout
+
+
+def test_all_mode_without_nas_warns_and_carries_on(database_url, dagster_home):
+    result = run_cli(env=cli_env(MIGRATION_MODE="all", NAS_BASE_PATH="/nonexistent/graphics"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "NAS credentials not configured, skipping NAS migration" in result.stdout
+    assert "Complex migrations: ok" in result.stdout
+    nas_only = run_cli(env=cli_env(MIGRATION_MODE="nas-only", NAS_BASE_PATH="/nonexistent/graphics"))
+    assert nas_only.returncode == 2 and "NAS credentials not configured: set QNAP_HOST" in nas_only.stdout
+
+
+def test_two_runners_at_once_apply_each_migration_exactly_once(database_url, dagster_home):
+    env = cli_env(MIGRATION_MODE="startup")
+    procs = [subprocess.Popen([*CLI], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    with get_engine(database_url).connect() as conn:
+        rows = conn.execute(text("SELECT name, count(*) FROM craftflow_schema_migrations GROUP BY name")).all()
+    assert len(rows) == 10 and all(count == 1 for _, count in rows)
+
+
+def test_downgrade_and_repair_commands(migrated_url, dagster_home):
+    env = cli_env()
+    result = run_cli("downgrade", "--to", "separate_platform_connections", env=env)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "rolled back update_phash_hash_size, remove_shopify_unique_constraint" in result.stdout
+    refused = run_cli("downgrade", "--to", "no_such_migration", env=env)
+    assert refused.returncode == 1 and "Cannot downgrade to no_such_migration: no such migration" in refused.stdout
+    repaired = run_cli("repair", "add_etsy_shop_id", env=env)
+    assert repaired.returncode == 0 and "ledger already matches the file" in repaired.stdout
+
+
+def test_canvas_size_migration_resumes_after_being_killed(migrated_url, dagster_home):
+    engine = get_engine(migrated_url)
+    total = 60_000
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO canvas_sizes (label) SELECT CASE WHEN i % 1000 = 0 THEN 'custom' "
+            "ELSE (i % 40 + 4) || 'x' || (i % 30 + 6) END FROM generate_series(1, :n) i"
+        ), {"n": total})
+    env = cli_env(MIGRATION_MODE="complex", CANVAS_MIGRATION_BATCH_SIZE="100")
+    proc = subprocess.Popen(CLI, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    done = 0
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            done = conn.execute(text("SELECT count(*) FROM canvas_sizes WHERE width_in IS NOT NULL")).scalar()
+        if done > 2_000:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < done < total, "the migration must be killed midway"
+    with engine.connect() as conn:
+        checkpoint = conn.execute(text("SELECT last_id FROM craftflow_migration_checkpoints")).scalar()
+        assert checkpoint and checkpoint > 0
+        assert conn.execute(text(
+            "SELECT count(*) FROM craftflow_schema_migrations WHERE name = 'run_canvas_size_migration'")).scalar() == 0
+
+    result = run_cli(env={**env, "CANVAS_MIGRATION_BATCH_SIZE": "5000"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Resuming canvas size migration after id" in result.stderr
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM canvas_sizes WHERE width_in IS NULL")).scalar() == total // 1000
+        assert conn.execute(text(
+            "SELECT count(*) FROM canvas_sizes WHERE label <> 'custom' AND "
+            "(width_in <> split_part(label, 'x', 1)::numeric OR height_in <> split_part(label, 'x', 2)::numeric)"
+        )).scalar() == 0
