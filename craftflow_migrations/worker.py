@@ -119,7 +119,15 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     """One Dagster run per partition: all of them, the given ones, or every template of ``shop``."""
     from .definitions import nas_import_job_factory, nas_import_run_config
 
-    keys = list(partitions) if partitions else discover_partitions(instance)
+    from .nas.assets import nas_partitions
+
+    if partitions:
+        keys = list(partitions)
+        known = set(instance.get_dynamic_partitions(nas_partitions.name))
+        if any(k not in known for k in keys):
+            instance.add_dynamic_partitions(nas_partitions.name, [k for k in keys if k not in known])
+    else:
+        keys = discover_partitions(instance)
     if shop is not None:
         keys = [k for k in keys if k.split("/", 1)[0] == shop]
     outcomes = []

@@ -202,10 +202,15 @@ class SftpNasClient:
             verify_host_key(host, port, transport.get_remote_server_key(), known_hosts, host_key_fingerprint)
             if key_file:
                 try:
-                    pkey = paramiko.PKey.from_path(os.path.expanduser(key_file), passphrase=password or None)
+                    pkey = paramiko.PKey.from_path(os.path.expanduser(key_file))
                 except (OSError, paramiko.SSHException) as exc:
                     raise NasError(f"Cannot read QNAP_KEY_FILE {key_file}: {exc}") from None
-                transport.auth_publickey(username, pkey)
+                try:
+                    transport.auth_publickey(username, pkey)
+                except paramiko.AuthenticationException:
+                    if not password:
+                        raise
+                    transport.auth_password(username, password)
             else:
                 transport.auth_password(username, password or "")
             self.sftp = paramiko.SFTPClient.from_transport(

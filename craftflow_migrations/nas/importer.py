@@ -8,6 +8,7 @@ resumable: committed files are unchanged on the next scan and are not fetched ag
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -87,10 +88,12 @@ def _prefetch(client: NasClient, files: Sequence[NasFile], out: queue.Queue, sto
 
 def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], label: str = "batch",
                  logger: logging.Logger | None = None, pipelined: bool = True,
-                 flush_every: int = 16, flush_bytes: int = 256 * MB,
+                 flush_every: int | None = None, flush_bytes: int = 256 * MB,
                  on_file: Callable[[NasFile], None] | None = None) -> BatchResult:
     """Fetch, hash and store ``files``. Bad files are recorded; an unreachable NAS raises."""
     logger = logger or log
+    # Rows commit every few files: a killed run loses at most those, and resumes after them.
+    flush_every = flush_every or int(os.environ.get("NAS_COMMIT_EVERY", "16") or 16)
     result = BatchResult(label)
     started = time.monotonic()
 

@@ -1,0 +1,109 @@
+"""Reading the NAS over a real sshd: listing, odd names, symlinks, host keys."""
+
+import os
+
+import paramiko
+import pytest
+
+from craftflow_migrations.nas.client import HostKeyError, LocalNasClient, NasError, SftpNasClient, fingerprint
+
+from .support import noise_image
+
+ODD_SHOP = "Ünïcode 'Shop' \"Q\" & co"
+ODD_TEMPLATE = "Poster, 50×70 (matte)"
+
+
+@pytest.fixture
+def nas_tree(tmp_path):
+    base = tmp_path / "Graphics"
+    folder = base / ODD_SHOP / ODD_TEMPLATE
+    (folder / "sub folder").mkdir(parents=True)
+    noise_image(64, 48, 1).save(folder / "a design.png")
+    noise_image(64, 48, 2).save(folder / "sub folder" / "b.png")
+    (folder / ".DS_Store").write_bytes(b"junk")
+    (folder / ".@__thumb").mkdir()
+    (folder / ".@__thumb" / "t.png").write_bytes(b"thumb")
+    (base / "Plain Shop" / "T1").mkdir(parents=True)
+    noise_image(32, 32, 3).save(base / "Plain Shop" / "T1" / "x.png")
+    (base / ".hidden shop" / "T").mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"secret")
+    os.symlink(outside, folder / "escape")
+    os.symlink(outside / "secret.png", folder / "escape.png")
+    os.symlink(folder / "a design.png", folder / "alias.png")  # stays inside: followed
+    return base
+
+
+def open_sftp(sshd, base, **overrides):
+    kwargs = dict(host="127.0.0.1", port=sshd.port, username=sshd.user, base_path=str(base),
+                  key_file=str(sshd.user_key), known_hosts=str(sshd.known_hosts))
+    kwargs.update(overrides)
+    return SftpNasClient(**kwargs)
+
+
+@pytest.mark.parametrize("backend", ["sftp", "local"])
+def test_listing_ignores_hidden_and_escaping_symlinks(backend, nas_tree, sshd):
+    client = open_sftp(sshd, nas_tree) if backend == "sftp" else LocalNasClient(nas_tree)
+    try:
+        assert client.list_partitions() == [("Plain Shop", "T1"), (ODD_SHOP, ODD_TEMPLATE)]
+        files = client.list_files(ODD_SHOP, ODD_TEMPLATE)
+        prefix = f"{ODD_SHOP}/{ODD_TEMPLATE}/"
+        assert [f.path for f in files] == [prefix + "a design.png", prefix + "alias.png", prefix + "sub folder/b.png"]
+        assert client.read(files[0].path) == (nas_tree / files[0].path).read_bytes()
+        assert files[0].size == (nas_tree / files[0].path).stat().st_size
+    finally:
+        client.close()
+
+
+def test_listing_a_large_folder_takes_few_round_trips(tmp_path, sshd):
+    folder = tmp_path / "G" / "Shop" / "Big"
+    folder.mkdir(parents=True)
+    for i in range(5000):
+        (folder / f"f{i:05d}.png").write_bytes(b"x")
+    client = open_sftp(sshd, tmp_path / "G")
+    try:
+        before = client.sftp.request_number
+        files = client.list_files("Shop", "Big")
+        requests = client.sftp.request_number - before
+    finally:
+        client.close()
+    assert len(files) == 5000
+    assert requests < 5000 / 50, f"{requests} SFTP requests for 5000 files"
+
+
+def test_unknown_host_key_is_refused_with_how_to_trust_it(nas_tree, sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyError, match=r"Unknown SSH host key for \[127.0.0.1\]:\d+ .*ssh-keyscan -p \d+ 127.0.0.1"):
+        open_sftp(sshd, nas_tree, known_hosts=str(empty))
+
+
+def test_changed_host_key_is_refused(nas_tree, sshd, tmp_path):
+    other = paramiko.Ed25519Key.from_private_key_file(str(sshd.user_key))  # any other ed25519 key
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{sshd.port} ssh-ed25519 {other.get_base64()}\n")
+    with pytest.raises(HostKeyError, match="CHANGED"):
+        open_sftp(sshd, nas_tree, known_hosts=str(wrong))
+
+
+def test_pinned_fingerprint(nas_tree, sshd, tmp_path):
+    host_key = paramiko.Ed25519Key.from_private_key_file(str(sshd.host_key))
+    client = open_sftp(sshd, nas_tree, known_hosts=str(tmp_path / "none"), host_key_fingerprint=fingerprint(host_key))
+    client.close()
+    with pytest.raises(HostKeyError, match="not the pinned QNAP_HOST_KEY_FINGERPRINT"):
+        open_sftp(sshd, nas_tree, host_key_fingerprint="SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA")
+
+
+def test_unreachable_host_and_bad_login_name_the_host(nas_tree, sshd, tmp_path):
+    from .support import free_port
+
+    port = free_port()
+    with pytest.raises(NasError, match=rf"Cannot reach NAS 127.0.0.1:{port}"):
+        open_sftp(sshd, nas_tree, port=port)
+    import subprocess
+
+    key = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    with pytest.raises(NasError, match=r"refused the login .* check QNAP_USERNAME"):
+        open_sftp(sshd, nas_tree, key_file=str(key))

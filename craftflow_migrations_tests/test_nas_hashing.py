@@ -1,0 +1,50 @@
+"""Hashes are imagehash's own, and bad files are described, never raised."""
+
+import imagehash
+from PIL import Image
+
+from craftflow_migrations.nas.batching import MB, plan_batches
+from craftflow_migrations.nas.client import NasFile
+from craftflow_migrations.nas.hashing import describe_image
+
+from .support import noise_image, photo_like, write_bad_files
+
+
+def test_phash_is_bit_identical_to_imagehash(tmp_path):
+    cases = {
+        "rgba.png": noise_image(900, 700, 1, "RGBA"),
+        "rgb.png": photo_like(800, 600, 2),
+        "photo.jpg": photo_like(1024, 768, 3),
+        "gray.png": photo_like(300, 300, 4).convert("L"),
+        "palette.gif": photo_like(200, 150, 5).convert("P"),
+    }
+    for name, image in cases.items():
+        path = tmp_path / name
+        image.save(path)
+        facts = describe_image(path.read_bytes())
+        assert facts.ok, (name, facts.error)
+        assert facts.phash == str(imagehash.phash(Image.open(path), hash_size=16)), name
+        assert len(facts.phash) == 64
+        assert (facts.width, facts.height) == image.size
+
+
+def test_bad_files_are_described(tmp_path):
+    bad = write_bad_files(tmp_path)
+    assert describe_image(b"").error == "empty file"
+    assert describe_image(bad["text"].read_bytes()).error == "not an image (format not recognised)"
+    truncated = describe_image(bad["truncated"].read_bytes())
+    assert truncated.error.startswith("unreadable image:") and truncated.sha256
+
+
+def files(sizes_mb):
+    return [NasFile("s", "t", f"s/t/{i}", int(mb * MB), 0.0) for i, mb in enumerate(sizes_mb)]
+
+
+def test_batches_are_about_the_target_and_balanced():
+    batches = plan_batches(files([50] * 12), target_bytes=500 * MB, workers=2)
+    assert [len(b) for b in batches] == [6, 6]
+    big = plan_batches(files([100] * 30), target_bytes=500 * MB, workers=2)
+    assert len(big) == 6 and all(sum(f.size for f in b) == 500 * MB for b in big)
+    assert plan_batches(files([1] * 10), target_bytes=500 * MB, workers=4) == [files([1] * 10)]  # too small to split
+    assert plan_batches([], 500 * MB) == []
+    assert sum(len(b) for b in plan_batches(files([700, 10, 10]), 500 * MB, 2)) == 3

@@ -1,0 +1,244 @@
+"""The design_images asset for real: sshd, PostgreSQL and multiprocess Dagster runs."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dagster as dg
+import imagehash
+import pytest
+from PIL import Image
+from sqlalchemy import text
+
+from craftflow_migrations.db import PostgresResource, get_engine
+from craftflow_migrations.definitions import nas_import_job_factory, nas_import_run_config, startup_job_factory
+from craftflow_migrations.nas.assets import nas_partitions
+from craftflow_migrations.nas.resource import NasResource
+
+from .conftest import cli_env
+from .proxy import DroppingProxy
+from .support import write_bad_files, write_corpus
+
+SHOP = "Ünïcode 'Shop' \"Q\""
+TEMPLATE = "Poster 50×70, matte"
+KEY = f"{SHOP}/{TEMPLATE}"
+DESIGN_IMAGES = dg.AssetKey("design_images")
+
+
+def run_config(batch_mb: int = 500, min_batch_mb: int = 32, workers: int = 2) -> dict:
+    config = copy.deepcopy(nas_import_run_config(workers))
+    # Tests change the environment between runs; spawned steps see the current one, while a
+    # forkserver would keep the environment of the first run (the CLI tests cover forkserver).
+    config["execution"]["config"]["multiprocess"]["start_method"] = {"spawn": {}}
+    config["ops"]["design_images"]["ops"]["plan_nas_batches"]["config"].update(
+        batch_size_mb=batch_mb, min_batch_mb=min_batch_mb)
+    return config
+
+
+def import_partition(instance, key: str, config: dict) -> tuple[bool, str, list]:
+    instance.add_dynamic_partitions(nas_partitions.name, [key])
+    with dg.execute_job(dg.reconstructable(nas_import_job_factory), instance, run_config=config,
+                        tags={"dagster/partition": key}) as result:
+        return result.success, result.run_id, [e for e in result.all_events]
+
+
+def materialization(instance, key: str) -> dict:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=DESIGN_IMAGES, asset_partitions=[key]), limit=1).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
+def rows(url: str, shop: str = SHOP, template: str = TEMPLATE) -> dict[str, dict]:
+    with get_engine(url).connect() as conn:
+        result = conn.execute(text(
+            "SELECT path, status::text AS status, phash, sha256, error, width, height, format, hash_algorithm "
+            "FROM design_images WHERE shop = :s AND template = :t"), {"s": shop, "t": template})
+        return {r.path: r._asdict() for r in result}
+
+
+@pytest.fixture
+def nas_base(tmp_path):
+    base = tmp_path / "Graphics"
+    write_corpus(base, {(SHOP, TEMPLATE): 10}, size=(640, 480))
+    write_bad_files(base / SHOP / TEMPLATE / "bad")
+    return base
+
+
+@pytest.fixture
+def sftp_env(sshd, nas_base, clean_nas_env):
+    for name, value in sshd.env(nas_base).items():
+        clean_nas_env.setenv(name, value)
+    return nas_base
+
+
+def test_multiprocess_import_over_sftp_then_incremental(migrated_url, instance, sftp_env):
+    base = sftp_env
+    ok, run_id, events = import_partition(instance, KEY, run_config(batch_mb=2, min_batch_mb=1))
+    assert ok
+    batch_steps = {e.step_key for e in events if e.is_step_success and "import_nas_batch" in e.step_key}
+    assert len(batch_steps) >= 3
+    # steps really ran in separate processes
+    assert len({e.pid for e in events if e.is_step_start}) >= 3
+
+    stored = rows(migrated_url)
+    on_disk = sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+    assert sorted(stored) == on_disk
+    for path, row in stored.items():
+        if path.endswith(("notes.png", "truncated.png", "empty.jpg")):
+            assert row["status"] == "failed" and row["error"], path
+            continue
+        expected = str(imagehash.phash(Image.open(base / path), hash_size=16))
+        assert row["status"] == "ok" and row["phash"] == expected, path
+        assert row["hash_algorithm"].endswith("phash:hash_size=16")
+    meta = materialization(instance, KEY)
+    assert meta["files_seen"] == 14 and meta["files_imported"] == 11 and meta["files_failed"] == 3
+    assert meta["mb_read"] > 5 and meta["mb_per_s"] > 0 and "exact_duplicates" in meta
+
+    # Unchanged: nothing is read again.
+    ok, _, _ = import_partition(instance, KEY, run_config(batch_mb=2, min_batch_mb=1))
+    meta = materialization(instance, KEY)
+    assert ok and meta["files_imported"] == 0 and meta["files_unchanged"] == 14 and meta["mb_read"] == 0
+
+    # One file removed, one replaced: marked removed, re-imported.
+    (base / SHOP / TEMPLATE / "design 000.png").unlink()
+    replaced = base / SHOP / TEMPLATE / "design 002.png"
+    replaced.write_bytes((base / SHOP / TEMPLATE / "design 004.png").read_bytes())
+    os.utime(replaced, (time.time() + 5, time.time() + 5))
+    ok, _, _ = import_partition(instance, KEY, run_config())
+    meta = materialization(instance, KEY)
+    assert ok and meta["files_removed"] == 1 and meta["files_imported"] == 1 and meta["exact_duplicates"] == 2
+    stored = rows(migrated_url)
+    assert stored[f"{KEY}/design 000.png"]["status"] == "removed"
+
+
+def test_import_refuses_an_old_schema(database_url, instance, nas_base, clean_nas_env):
+    clean_nas_env.setenv("NAS_BASE_PATH", str(nas_base))
+    ok, run_id, _ = import_partition(instance, KEY, run_config())
+    assert not ok
+    failures = [r.event_log_entry.dagster_event for r in instance.get_records_for_run(run_id).records
+                if r.event_log_entry.dagster_event and r.event_log_entry.dagster_event.is_step_failure]
+    description = failures[0].step_failure_data.user_failure_data.description
+    assert description.startswith("Schema is not at head: pending startup migrations add_multi_tenant_schema")
+
+
+def test_dropped_sftp_connection_is_retried(migrated_url, instance, sftp_env, sshd):
+    # connection 1 lists the folder; connection 2 (the batch) is cut after 3 MB
+    proxy = DroppingProxy(sshd.port, drop_connection=2, drop_after_bytes=3 * 1024 * 1024)
+    # known_hosts must vouch for the proxy's port too: it is the same sshd behind it
+    known = sshd.known_hosts.read_text().replace(f"[127.0.0.1]:{sshd.port}", f"[127.0.0.1]:{proxy.port}")
+    (sshd.dir / "known_hosts_proxy").write_text(known)
+    os.environ["QNAP_PORT"] = str(proxy.port)
+    os.environ["QNAP_KNOWN_HOSTS"] = str(sshd.dir / "known_hosts_proxy")
+    try:
+        ok, run_id, events = import_partition(instance, KEY, run_config())
+    finally:
+        proxy.close()
+    assert proxy.dropped == 1
+    assert ok
+    types = [r.event_log_entry.dagster_event.event_type_value for r in instance.get_records_for_run(run_id).records
+             if r.event_log_entry.dagster_event]
+    assert "STEP_UP_FOR_RETRY" in types
+    stored = rows(migrated_url)
+    assert len(stored) == 14 and sum(r["status"] == "ok" for r in stored.values()) == 11
+
+
+def test_sequential_mode_gives_the_same_rows(migrated_url, instance, nas_base, clean_nas_env):
+    clean_nas_env.setenv("NAS_BASE_PATH", str(nas_base))
+    clean_nas_env.setenv("NAS_USE_BATCHED", "false")
+    ok, _, events = import_partition(instance, KEY, run_config(batch_mb=1, min_batch_mb=1))
+    assert ok
+    assert len({e.step_key for e in events if e.is_step_success and "import_nas_batch" in e.step_key}) == 1
+    stored = rows(migrated_url)
+    assert len(stored) == 14 and sum(r["status"] == "failed" for r in stored.values()) == 3
+
+
+def test_killed_import_resumes_without_loss_or_duplicates(migrated_url, dagster_home, sshd, tmp_path):
+    base = tmp_path / "G"
+    write_corpus(base, {("Kill Shop", "T"): 60}, size=(800, 600))
+    env = cli_env(**sshd.env(base), NAS_COMMIT_EVERY="2")
+    cmd = [sys.executable, "-m", "craftflow_migrations.cli", "import", "--partition", "Kill Shop/T"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    engine = get_engine(migrated_url)
+    count, deadline = 0, time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        with engine.connect() as conn:
+            count = conn.execute(text("SELECT count(*) FROM design_images WHERE shop = 'Kill Shop'")).scalar()
+        if count >= 6:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < count < 60, "the import must be killed midway"
+    with engine.connect() as conn:
+        committed = conn.execute(text("SELECT count(*) FROM design_images WHERE shop = 'Kill Shop'")).scalar()
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    stored = rows(migrated_url, "Kill Shop", "T")
+    assert len(stored) == 60 and all(r["status"] == "ok" for r in stored.values())
+    with engine.connect() as conn:
+        imported = conn.execute(text(
+            "SELECT count(*) FROM design_images WHERE shop = 'Kill Shop' AND imported_at > first_seen_at")).scalar()
+    assert imported == 0  # nothing imported twice
+    assert f"files_imported={60 - committed}, files_unchanged={committed}" in second.stdout
+
+
+def test_scan_sensor_adds_partitions_and_requests_only_changes(migrated_url, instance, tmp_path):
+    from craftflow_migrations.definitions import defs
+
+    base = tmp_path / "G"
+    write_corpus(base, {("Shop A", "T1"): 2, ("Shop A", "T2"): 2, ("Shop B", "T1"): 2}, size=(64, 64))
+    resources = {"nas": NasResource(base_path=str(base)), "postgres": PostgresResource(database_url=migrated_url)}
+    sensor = defs.get_sensor_def("nas_scan_sensor")
+
+    result = sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    assert sorted(r.partition_key for r in result.run_requests) == ["Shop A/T1", "Shop A/T2", "Shop B/T1"]
+    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == ["Shop A/T1", "Shop A/T2", "Shop B/T1"]
+    instance.add_dynamic_partitions(nas_partitions.name, list(result.dynamic_partitions_requests[0].partition_keys))
+
+    again = sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor, resources=resources))
+    assert again.run_requests == [] and again.dynamic_partitions_requests == []
+
+    write_corpus(base, {("Shop B", "T1"): 3}, size=(64, 64), seed=100)  # one file added, two rewritten
+    changed = sensor(dg.build_sensor_context(instance=instance, cursor=again.cursor, resources=resources))
+    assert [r.partition_key for r in changed.run_requests] == ["Shop B/T1"]
+
+
+def test_scan_sensor_waits_for_the_schema(database_url, instance, tmp_path):
+    from craftflow_migrations.definitions import defs
+
+    (tmp_path / "G" / "S" / "T").mkdir(parents=True)
+    resources = {"nas": NasResource(base_path=str(tmp_path / "G")),
+                 "postgres": PostgresResource(database_url=database_url)}
+    result = defs.get_sensor_def("nas_scan_sensor")(dg.build_sensor_context(instance=instance, resources=resources))
+    assert isinstance(result, dg.SkipReason) and "Schema is not at head" in result.skip_message
+
+
+def test_startup_success_triggers_import_of_pending_partitions(database_url, instance):
+    from craftflow_migrations.definitions import defs
+
+    instance.add_dynamic_partitions(nas_partitions.name, ["Shop A/T1", "Shop B/T1"])
+    result = startup_job_factory().execute_in_process(instance=instance)
+    assert result.success
+    success = instance.get_records_for_run(result.run_id, of_type=dg.DagsterEventType.RUN_SUCCESS).records[0]
+    sensor = defs.get_sensor_def("import_after_startup")
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_instance=instance,
+        dagster_run=instance.get_run_by_id(result.run_id), dagster_event=success.event_log_entry.dagster_event,
+    )
+    requests = sensor(context)
+    assert sorted(r.partition_key for r in requests) == ["Shop A/T1", "Shop B/T1"]
+
+
+def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
+    base = tmp_path / "G"
+    write_corpus(base, {("Shop A", "T1"): 2, ("Shop A", "T2"): 2, ("Shop B", "T1"): 2}, size=(64, 64))
+    env = cli_env(NAS_BASE_PATH=str(base))
+    result = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "import", "--shop", "Shop A"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_materialized_partitions(DESIGN_IMAGES) == {"Shop A/T1", "Shop A/T2"}
+        assert set(instance.get_dynamic_partitions(nas_partitions.name)) == {"Shop A/T1", "Shop A/T2", "Shop B/T1"}
