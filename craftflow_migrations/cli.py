@@ -177,6 +177,34 @@ def cmd_repair(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """MIGRATION_MODE=all on an embedded default: no server to install, a generated sample NAS."""
+    import os
+    from pathlib import Path
+
+    from .instance import ensure_dagster_home
+    from .sample_nas import write_sample_nas
+
+    workdir = Path(args.dir).resolve()
+    if not os.environ.get("DATABASE_URL", "").strip():
+        from .embedded import embedded_database_url
+
+        os.environ["DATABASE_URL"] = embedded_database_url(workdir / "pgdata")
+        _out(f"Embedded PostgreSQL running with its data in {workdir / 'pgdata'}")
+    for name in [n for n in os.environ if n.startswith("QNAP_")]:
+        del os.environ[name]
+    os.environ["NAS_BASE_PATH"] = str(write_sample_nas(workdir / "sample_nas"))
+    os.environ.setdefault("DAGSTER_HOME", str(workdir / "dagster_home"))
+    ensure_dagster_home()
+    _out(f"Sample NAS folder: {os.environ['NAS_BASE_PATH']}")
+    code = cmd_run(argparse.Namespace(mode="all"))
+    _out("")
+    _out("Open the Dagster UI on the same data:")
+    _out(f"  DAGSTER_HOME='{os.environ['DAGSTER_HOME']}' DATABASE_URL='{os.environ['DATABASE_URL']}' \\")
+    _out(f"  NAS_BASE_PATH='{os.environ['NAS_BASE_PATH']}' .venv/bin/dagster dev -h 127.0.0.1 -p 3000")
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="craftflow-migrate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -196,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--shop", help="every <template> of this shop")
     imp.add_argument("--partition", action="append", help="a <shop>/<template> key (repeatable)")
     imp.set_defaults(func=cmd_import)
+    demo = sub.add_parser("demo", help="run MIGRATION_MODE=all on an embedded PostgreSQL and a sample NAS")
+    demo.add_argument("--dir", default="demo_output", help="where the embedded data and sample NAS live")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import psycopg2
 from PIL import Image
+from sqlalchemy.engine import make_url
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -52,11 +53,10 @@ class PostgresServer:
                 cur.execute(f'CREATE DATABASE "{name}"')
         finally:
             conn.close()
-        base = self.admin_url.rsplit("/", 1)[0]
-        return f"{base}/{name}"
+        return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
 
     def drop_database(self, url: str) -> None:
-        name = url.rsplit("/", 1)[1].split("?")[0]
+        name = make_url(url).database
         conn = self._admin()
         try:
             with conn.cursor() as cur:
