@@ -71,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if outcomes is not None:
             totals = {"files_imported": 0, "files_unchanged": 0, "files_failed": 0, "files_removed": 0}
             for o in outcomes:
+                if o.unchanged:
+                    continue
                 summary = next((m for k, m in o.metadata.items() if k.endswith("summarize_nas_import")), {})
                 for key in totals:
                     totals[key] += int(summary.get(key, 0) or 0)
@@ -78,8 +80,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                     _print_outcome(f"NAS import {o.partition}", o)
                 ok &= o.success
             failed_runs = sum(1 for o in outcomes if not o.success)
+            unchanged = sum(1 for o in outcomes if o.unchanged)
             _out(
-                f"NAS import: {len(outcomes)} partitions ({failed_runs} failed), "
+                f"NAS import: {len(outcomes)} partitions ({unchanged} unchanged since their last import, "
+                f"{failed_runs} failed), "
                 + ", ".join(f"{v} {k.removeprefix('files_')}" for k, v in totals.items())
             )
 
@@ -100,7 +104,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     batch_id = uuid.uuid4().hex[:8]
     try:
         outcomes = worker.run_nas_import(instance, partitions=args.partition or None, shop=args.shop,
-                                         extra_tags={"craftflow/import": batch_id})
+                                         extra_tags={"craftflow/import": batch_id}, force=args.force)
     except worker.NasNotConfigured as exc:
         _out(f"❌ NAS credentials not configured: {exc}")
         return EXIT_CONFIG
@@ -111,6 +115,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         _out(f"No partitions matched{f' shop {args.shop!r}' if args.shop else ''}")
         return EXIT_FAILED
     for o in outcomes:
+        if o.unchanged:
+            _out(f"{o.partition}: unchanged since its last import (use --force to run it anyway)")
+            continue
         summary = next((m for k, m in o.metadata.items() if k.endswith("summarize_nas_import")), {})
         _out(f"{o.partition}: {'ok' if o.success else 'FAILED'} (run {o.run_id}) "
              + ", ".join(f"{k}={v}" for k, v in summary.items() if k.startswith("files_")))
@@ -223,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="import NAS partitions now: all, one shop, or named ones")
     imp.add_argument("--shop", help="every <template> of this shop")
     imp.add_argument("--partition", action="append", help="a <shop>/<template> key (repeatable)")
+    imp.add_argument("--force", action="store_true", help="run partitions whose listing is unchanged too")
     imp.set_defaults(func=cmd_import)
     demo = sub.add_parser("demo", help="run MIGRATION_MODE=all on an embedded PostgreSQL and a sample NAS")
     demo.add_argument("--dir", default="demo_output", help="where the embedded data and sample NAS live")

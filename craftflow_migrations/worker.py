@@ -30,6 +30,7 @@ class RunOutcome:
     failures: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     metadata: dict[str, dict] = field(default_factory=dict)
+    unchanged: bool = False  # not run: the folder's listing matched its last import
 
 
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -86,9 +87,10 @@ class NasNotConfigured(RuntimeError):
     pass
 
 
-def discover_partitions(instance: dg.DagsterInstance) -> list[str]:
-    """List <shop>/<template> folders on the NAS and register them as partitions."""
-    from .nas.assets import nas_partitions
+def scan_nas(keys: Sequence[str] | None = None) -> dict[str, str]:
+    """Listing fingerprint of every partition on the NAS (or of ``keys``), over one connection."""
+    from .nas.client import split_partition_key
+    from .nas.scan import listing_fingerprint
 
     nas = nas_from_env()
     missing = nas.missing()
@@ -96,46 +98,79 @@ def discover_partitions(instance: dg.DagsterInstance) -> list[str]:
         raise NasNotConfigured(f"set {', '.join(missing)}")
     client = nas.open()
     try:
-        pairs = client.list_partitions()
+        if keys is None:
+            pairs = []
+            for shop, template in client.list_partitions():
+                problem = unusable_name(shop) or unusable_name(template)
+                if problem:
+                    log.warning(f"Skipping {shop}/{template}: {problem}")
+                else:
+                    pairs.append((shop, template))
+        else:
+            pairs = [split_partition_key(k) for k in keys]
+        return {partition_key(s, t): listing_fingerprint(client.list_files(s, t)) for s, t in pairs}
     finally:
         client.close()
-    keys = []
-    for shop, template in pairs:
-        problem = unusable_name(shop) or unusable_name(template)
-        if problem:
-            log.warning(f"Skipping {shop}/{template}: {problem}")
-            continue
-        keys.append(partition_key(shop, template))
+
+
+def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:
+    from .nas.assets import nas_partitions
+
     known = set(instance.get_dynamic_partitions(nas_partitions.name))
     new = [k for k in keys if k not in known]
     if new:
         instance.add_dynamic_partitions(nas_partitions.name, new)
+
+
+def discover_partitions(instance: dg.DagsterInstance) -> list[str]:
+    """List <shop>/<template> folders on the NAS and register them as partitions."""
+    keys = list(scan_nas())
+    register_partitions(instance, keys)
     return keys
+
+
+def last_fingerprint(instance: dg.DagsterInstance, key: str) -> str | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("design_images"), asset_partitions=[key]), limit=1
+    ).records
+    if not records:
+        return None
+    value = records[0].asset_materialization.metadata.get("listing_fingerprint")
+    return getattr(value, "value", value)
 
 
 def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
                    shop: str | None = None, extra_tags: dict[str, str] | None = None,
-                   run_config: dict | None = None) -> list[RunOutcome]:
-    """One Dagster run per partition: all of them, the given ones, or every template of ``shop``."""
+                   run_config: dict | None = None, force: bool = False) -> list[RunOutcome]:
+    """One Dagster run per partition: all of them, the given ones, or every template of ``shop``.
+
+    Partitions whose listing is unchanged since their last materialization are not run
+    again (``force`` runs them anyway): a re-deploy costs one listing per folder.
+    Runs go one after the other: ``execute_job`` is not safe to call from several threads
+    (its logging deadlocks); parallelism is inside each run, across batch steps.
+    """
     from .definitions import nas_import_job_factory, nas_import_run_config
 
-    from .nas.assets import nas_partitions
-
-    if partitions:
-        keys = list(partitions)
-        known = set(instance.get_dynamic_partitions(nas_partitions.name))
-        if any(k not in known for k in keys):
-            instance.add_dynamic_partitions(nas_partitions.name, [k for k in keys if k not in known])
-    else:
-        keys = discover_partitions(instance)
+    fingerprints = scan_nas(partitions)
+    keys = list(fingerprints)
+    register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
     if shop is not None:
         keys = [k for k in keys if k.split("/", 1)[0] == shop]
-    outcomes = []
+    outcomes: dict[str, RunOutcome] = {}
+    todo = []
     for key in keys:
+        if not force and last_fingerprint(instance, key) == fingerprints[key]:
+            outcomes[key] = RunOutcome("nas_import", "-", True, partition=key, unchanged=True)
+        else:
+            todo.append(key)
+
+    def one(key: str) -> RunOutcome:
         tags = {"dagster/partition": key, **(extra_tags or {})}
-        outcomes.append(_execute(nas_import_job_factory, instance, tags=tags,
-                                 run_config=run_config or nas_import_run_config()))
-    return outcomes
+        return _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())
+
+    for key in todo:
+        outcomes[key] = one(key)
+    return [outcomes[k] for k in keys]
 
 
 __all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run", "discover_partitions",

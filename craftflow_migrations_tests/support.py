@@ -121,7 +121,7 @@ MaxSessions 50
                 break
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"sshd exited: {self.proc.stderr.read().decode()}")
+                    raise RuntimeError(f"sshd exited: {self.proc.stderr.read().decode()}") from None
                 time.sleep(0.05)
         self.known_hosts = self.dir / "known_hosts"
         pub = Path(f"{self.host_key}.pub").read_text().split()

@@ -14,7 +14,11 @@ from PIL import Image
 from sqlalchemy import text
 
 from craftflow_migrations.db import PostgresResource, get_engine
-from craftflow_migrations.definitions import nas_import_job_factory, nas_import_run_config, startup_job_factory
+from craftflow_migrations.definitions import (
+    nas_import_job_factory,
+    nas_import_run_config,
+    startup_job_factory,
+)
 from craftflow_migrations.nas.assets import nas_partitions
 from craftflow_migrations.nas.resource import NasResource
 
@@ -242,3 +246,10 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
     with dg.DagsterInstance.get() as instance:
         assert instance.get_materialized_partitions(DESIGN_IMAGES) == {"Shop A/T1", "Shop A/T2"}
         assert set(instance.get_dynamic_partitions(nas_partitions.name)) == {"Shop A/T1", "Shop A/T2", "Shop B/T1"}
+        runs_before = len(instance.get_run_records())
+    again = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "import", "--shop", "Shop A"],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0
+    assert again.stdout.count("unchanged since its last import") == 2
+    with dg.DagsterInstance.get() as instance:
+        assert len(instance.get_run_records()) == runs_before  # a re-deploy costs a listing, not runs

@@ -5,8 +5,9 @@ CREATE INDEX CONCURRENTLY cannot run in a transaction, hence TRANSACTIONAL = Fal
 helper rebuilds an INVALID index left by an earlier failed build.
 """
 
-from craftflow_migrations.schema.helpers import create_index_concurrently
 from sqlalchemy import text
+
+from craftflow_migrations.schema.helpers import create_index_concurrently
 
 DEPENDS_ON = ["add_design_images"]
 TRANSACTIONAL = False

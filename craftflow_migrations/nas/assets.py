@@ -20,7 +20,7 @@ from .batching import MB, plan_batches
 from .client import NasError, NasFile, split_partition_key
 from .importer import import_batch
 from .resource import NasResource
-from .scan import diff_partition
+from .scan import diff_partition, listing_fingerprint
 
 nas_partitions = dg.DynamicPartitionsDefinition(name="nas_shop_templates")
 SFTP_POOL = "nas_sftp"
@@ -81,7 +81,8 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
     )
     yield dg.Output(
         {"seen": len(files), "unchanged": len(diff.unchanged), "removed": removed,
-         "to_import": len(diff.to_import), "batches": len(batches), "started": time.time()},
+         "to_import": len(diff.to_import), "batches": len(batches), "started": time.time(),
+         "fingerprint": listing_fingerprint(files)},
         output_name="scan",
     )
     for i, batch in enumerate(batches):
@@ -140,8 +141,9 @@ def summarize_nas_import(context: dg.OpExecutionContext, scan: dict, results: li
         "mb_per_s": round(mb_read / seconds, 2),
         "seconds": round(seconds, 2),
         "exact_duplicates": duplicates,
+        "listing_fingerprint": scan["fingerprint"],
     }
-    context.log.info(f"{shop}/{template}: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    context.log.info(f"{shop}/{template}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k.startswith(("files", "mb", "sec", "exact"))))
     context.add_output_metadata(summary)
     return summary
 

@@ -292,7 +292,9 @@ class SftpNasClient:
             if size == 0:
                 return b""
             fh.prefetch(size)
-            return fh.read(size)
+            # read() without a size appends to a bytearray; read(size) concatenates bytes
+            # (quadratic: 2.5 CPU-s for 60 MB).
+            return fh.read()
 
     def close(self) -> None:
         try:

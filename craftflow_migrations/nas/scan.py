@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,3 +29,11 @@ def diff_partition(files: Sequence[NasFile], known: dict[str, KnownRow]) -> Part
     listed = {f.path for f in files}
     diff.removed = sorted(p for p, row in known.items() if p not in listed and row.status != "removed")
     return diff
+
+
+def listing_fingerprint(files: Sequence[NasFile]) -> str:
+    """A digest of every file's path, size and mtime: equal listings, equal fingerprints."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f"{f.path}\0{f.size}\0{f.mtime:.6f}\n".encode())
+    return digest.hexdigest()[:32]

@@ -5,7 +5,6 @@ file's path, size and mtime), so a tick only requests runs for folders that are 
 changed, never a full re-import.
 """
 
-import hashlib
 import json
 
 import dagster as dg
@@ -14,17 +13,11 @@ from ..db import PostgresResource
 from ..schema import runner
 from ..schema.discovery import discover
 from ..settings import migrations_dir
-from .client import NasError, NasFile, partition_key, unusable_name
+from .client import NasError, partition_key, unusable_name
 from .resource import NasResource
+from .scan import listing_fingerprint
 
 DESIGN_IMAGES = dg.AssetKey("design_images")
-
-
-def listing_fingerprint(files: list[NasFile]) -> str:
-    digest = hashlib.sha256()
-    for f in files:
-        digest.update(f"{f.path}\0{f.size}\0{f.mtime:.6f}\n".encode())
-    return digest.hexdigest()[:32]
 
 
 def pending_startup_migrations(postgres: PostgresResource) -> list[str]:

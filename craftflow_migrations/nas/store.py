@@ -7,7 +7,17 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from sqlalchemy import (
-    BigInteger, Column, DateTime, Integer, MetaData, SmallInteger, Table, Text, bindparam, func, text,
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    bindparam,
+    func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import ENUM, insert
 from sqlalchemy.engine import Connection

@@ -6,8 +6,9 @@ This migration adds a new user_preferences table to store
 user-specific settings and preferences.
 """
 
-from sqlalchemy import text
 import logging
+
+from sqlalchemy import text
 
 logger = logging.getLogger(__name__)
 
