@@ -102,9 +102,17 @@ def cmd_import(args: argparse.Namespace) -> int:
     _database_url()
     instance = get_instance()
     batch_id = uuid.uuid4().hex[:8]
+    run_config = None
+    if args.batch_mb:
+        from .definitions import nas_import_run_config
+
+        run_config = nas_import_run_config()
+        run_config["ops"]["design_images"]["ops"]["plan_nas_batches"]["config"].update(
+            batch_size_mb=args.batch_mb, min_batch_mb=min(32, args.batch_mb))
     try:
         outcomes = worker.run_nas_import(instance, partitions=args.partition or None, shop=args.shop,
-                                         extra_tags={"craftflow/import": batch_id}, force=args.force)
+                                         extra_tags={"craftflow/import": batch_id}, force=args.force,
+                                         run_config=run_config)
     except worker.NasNotConfigured as exc:
         _out(f"❌ NAS credentials not configured: {exc}")
         return EXIT_CONFIG
@@ -231,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--shop", help="every <template> of this shop")
     imp.add_argument("--partition", action="append", help="a <shop>/<template> key (repeatable)")
     imp.add_argument("--force", action="store_true", help="run partitions whose listing is unchanged too")
+    imp.add_argument("--batch-mb", type=int, help="batch size in MB (default 500)")
     imp.set_defaults(func=cmd_import)
     demo = sub.add_parser("demo", help="run MIGRATION_MODE=all on an embedded PostgreSQL and a sample NAS")
     demo.add_argument("--dir", default="demo_output", help="where the embedded data and sample NAS live")

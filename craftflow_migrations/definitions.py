@@ -4,6 +4,7 @@ import os
 
 import dagster as dg
 
+from .executors import build_executor, executor_run_config
 from .nas.assets import design_images, nas_partitions
 from .nas.sensors import build_import_after_startup_sensor, build_nas_scan_sensor
 from .resources import build_resources
@@ -22,16 +23,7 @@ def nas_import_run_config(max_concurrent: int | None = None) -> dict:
     """Default run config of the import; every value can be changed in the launchpad."""
     workers = max_concurrent or int(os.environ.get("NAS_MAX_CONCURRENT", "0") or 0) or (os.cpu_count() or 2)
     return {
-        "execution": {
-            "config": {
-                "multiprocess": {
-                    "max_concurrent": workers,
-                    # Steps fork from a server that has already imported the project,
-                    # so a batch step starts in milliseconds instead of seconds.
-                    "start_method": {"forkserver": {"preload_modules": ["craftflow_migrations.definitions"]}},
-                }
-            }
-        },
+        **executor_run_config(workers),
         "ops": {"design_images": {"ops": {"plan_nas_batches": {"config": {"parallel_batches": workers}}}}},
     }
 
@@ -40,6 +32,7 @@ nas_import_job = dg.define_asset_job(
     NAS_IMPORT_JOB,
     selection=[design_images],
     config=nas_import_run_config(),
+    executor_def=build_executor(),
     description="Import one <shop>/<template> folder of the NAS into design_images.",
 )
 

@@ -52,8 +52,12 @@ def nas_from_env() -> NasResource:
     return NasResource(**values)
 
 
-def build_resources() -> dict[str, dg.ConfigurableResource]:
-    return {
+def build_resources() -> dict:
+    resources = {
         "postgres": PostgresResource(database_url=dg.EnvVar("DATABASE_URL")),
         "nas": nas_resource(),
     }
+    if _is_set("CRAFTFLOW_IO_DIR"):
+        # Step outputs (batch plans and results) where every worker machine can read them.
+        resources["io_manager"] = dg.FilesystemIOManager(base_dir=dg.EnvVar("CRAFTFLOW_IO_DIR"))
+    return resources

@@ -36,7 +36,7 @@ def run_config(batch_mb: int = 500, min_batch_mb: int = 32, workers: int = 2) ->
     config = copy.deepcopy(nas_import_run_config(workers))
     # Tests change the environment between runs; spawned steps see the current one, while a
     # forkserver would keep the environment of the first run (the CLI tests cover forkserver).
-    config["execution"]["config"]["multiprocess"]["start_method"] = {"spawn": {}}
+    config["execution"]["config"]["start_method"] = {"spawn": {}}
     config["ops"]["design_images"]["ops"]["plan_nas_batches"]["config"].update(
         batch_size_mb=batch_mb, min_batch_mb=min_batch_mb)
     return config

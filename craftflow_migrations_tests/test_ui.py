@@ -51,7 +51,7 @@ def webserver(migrated_url, dagster_home, tmp_path):
             break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read().decode())
+                raise RuntimeError(proc.stderr.read().decode()) from None
             time.sleep(0.5)
     yield url
     for p in (proc, daemon):

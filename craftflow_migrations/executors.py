@@ -1,0 +1,58 @@
+"""Which executor runs the NAS import's steps, chosen by CRAFTFLOW_EXECUTOR.
+
+- ``multiprocess`` (default): batch steps in processes on this machine.
+- ``celery``: batch steps as Celery tasks on worker machines (``dagster-celery``), broker
+  and result backend from CELERY_BROKER_URL / CELERY_BACKEND_URL. Workers need the same
+  environment (DATABASE_URL, QNAP_*), the instance (DAGSTER_HOME on PostgreSQL storage
+  when they are on other machines) and shared storage for step outputs (CRAFTFLOW_IO_DIR).
+- Kubernetes: ``dagster-k8s``'s ``k8s_job_executor`` works the same way (see README); it is
+  not installed by default.
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from .settings import ConfigError
+
+EXECUTORS = ("multiprocess", "celery")
+
+
+def executor_kind() -> str:
+    kind = os.environ.get("CRAFTFLOW_EXECUTOR", "multiprocess").strip() or "multiprocess"
+    if kind not in EXECUTORS:
+        raise ConfigError(f"CRAFTFLOW_EXECUTOR={kind!r} is not one of: {', '.join(EXECUTORS)}")
+    return kind
+
+
+def build_executor() -> dg.ExecutorDefinition:
+    if executor_kind() == "celery":
+        from dagster_celery import celery_executor
+
+        return celery_executor.configured(
+            {
+                "broker": {"env": "CELERY_BROKER_URL"},
+                "backend": {"env": "CELERY_BACKEND_URL"},
+                "include": ["craftflow_migrations.celery_app"],
+            },
+            name="celery",
+        )
+    return dg.multiprocess_executor
+
+
+def executor_run_config(max_concurrent: int) -> dict:
+    """The executor part of the import's default run config."""
+    if executor_kind() == "celery":
+        return {}
+    return {
+        "execution": {
+            "config": {
+                "max_concurrent": max_concurrent,
+                # Steps fork from a server that has already imported the project,
+                # so a batch step starts in milliseconds instead of seconds.
+                "start_method": {"forkserver": {"preload_modules": ["craftflow_migrations.definitions"]}},
+            }
+        }
+    }
