@@ -92,6 +92,7 @@ class SshServer:
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
         (self.dir / "authorized_keys").write_text(Path(f"{self.user_key}.pub").read_text())
         self.user = os.environ.get("USER") or subprocess.run(["id", "-un"], capture_output=True, text=True).stdout.strip()
+        self.password_user, self.password = self._password_account()
         config = self.dir / "sshd_config"
         config.write_text(
             f"""Port {self.port}
@@ -101,11 +102,11 @@ PidFile {self.dir}/sshd.pid
 AuthorizedKeysFile {self.dir}/authorized_keys
 StrictModes no
 PubkeyAuthentication yes
-PasswordAuthentication no
+PasswordAuthentication {"yes" if self.password_user else "no"}
 KbdInteractiveAuthentication no
-PermitRootLogin yes
+PermitRootLogin prohibit-password
 UsePAM no
-AllowUsers {self.user}
+AllowUsers {self.user}{" " + self.password_user if self.password_user else ""}
 Subsystem sftp internal-sftp
 LogLevel ERROR
 MaxStartups 50
@@ -126,6 +127,17 @@ MaxSessions 50
         self.known_hosts = self.dir / "known_hosts"
         pub = Path(f"{self.host_key}.pub").read_text().split()
         self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+
+    @staticmethod
+    def _password_account() -> tuple[str | None, str | None]:
+        """A throwaway local account for password logins (root only: it edits /etc/shadow)."""
+        if os.geteuid() != 0 or not shutil.which("useradd"):
+            return None, None
+        name, password = "cfm_sftp_test", uuid.uuid4().hex
+        if subprocess.run(["id", name], capture_output=True).returncode != 0:
+            subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        return name, password
 
     def env(self, base_path: Path, port: int | None = None) -> dict[str, str]:
         return {

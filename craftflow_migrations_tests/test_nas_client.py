@@ -1,6 +1,7 @@
 """Reading the NAS over a real sshd: listing, odd names, symlinks, host keys."""
 
 import os
+from pathlib import Path
 
 import paramiko
 import pytest
@@ -107,3 +108,29 @@ def test_unreachable_host_and_bad_login_name_the_host(nas_tree, sshd, tmp_path):
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
     with pytest.raises(NasError, match=r"refused the login .* check QNAP_USERNAME"):
         open_sftp(sshd, nas_tree, key_file=str(key))
+
+
+def test_password_login(sshd):
+    if not sshd.password_user:
+        pytest.fail("password logins need a throwaway account, which only root can create here")
+    import shutil
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="cfm-pw-"))  # readable by the throwaway account
+    try:
+        (base / "Shop" / "T1").mkdir(parents=True)
+        noise_image(32, 32, 5).save(base / "Shop" / "T1" / "x.png")
+        for path in [base, *base.rglob("*")]:
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+        client = SftpNasClient("127.0.0.1", sshd.port, sshd.password_user, str(base), password=sshd.password,
+                               known_hosts=str(sshd.known_hosts))
+        try:
+            assert client.list_partitions() == [("Shop", "T1")]
+            assert client.read("Shop/T1/x.png") == (base / "Shop" / "T1" / "x.png").read_bytes()
+        finally:
+            client.close()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    with pytest.raises(NasError, match="refused the login of 'cfm_sftp_test': check QNAP_USERNAME and QNAP_PASSWORD"):
+        SftpNasClient("127.0.0.1", sshd.port, sshd.password_user, "/", password="wrong",
+                      known_hosts=str(sshd.known_hosts))

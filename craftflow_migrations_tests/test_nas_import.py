@@ -78,10 +78,15 @@ def sftp_env(sshd, nas_base, clean_nas_env):
     return nas_base
 
 
-def test_multiprocess_import_over_sftp_then_incremental(migrated_url, instance, sftp_env):
+def test_multiprocess_import_over_sftp_then_incremental(migrated_url, instance, sftp_env, monkeypatch):
     base = sftp_env
+    # Set, though the key logs in first: it must still never reach run config or the event log.
+    monkeypatch.setenv("QNAP_PASSWORD", "NasPassw0rdNeverLogged")
     ok, run_id, events = import_partition(instance, KEY, run_config(batch_mb=2, min_batch_mb=1))
     assert ok
+    dump = "".join(str(r.event_log_entry) for r in instance.get_records_for_run(run_id).records)
+    assert "NasPassw0rdNeverLogged" not in dump
+    assert "NasPassw0rdNeverLogged" not in str(instance.get_run_by_id(run_id).run_config)
     batch_steps = {e.step_key for e in events if e.is_step_success and "import_nas_batch" in e.step_key}
     assert len(batch_steps) >= 3
     # steps really ran in separate processes
