@@ -40,29 +40,23 @@ class PostgresServer:
             self._embedded = pgserver.get_server(self._dir, cleanup_mode="stop")
             self.admin_url = self._embedded.get_uri()
 
-    def _admin(self):
+    def _admin_execute(self, sql: str) -> None:
+        # CREATE/DROP DATABASE refuse a transaction block, hence autocommit.
         conn = psycopg2.connect(self.admin_url)
         conn.autocommit = True
-        return conn
+        try:
+            with conn.cursor() as cur:
+                cur.execute(sql)
+        finally:
+            conn.close()
 
     def create_database(self, prefix: str = "cfm_test") -> str:
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        conn = self._admin()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            conn.close()
+        self._admin_execute(f'CREATE DATABASE "{name}"')
         return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
 
     def drop_database(self, url: str) -> None:
-        name = make_url(url).database
-        conn = self._admin()
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            conn.close()
+        self._admin_execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
 
     def stop(self) -> None:
         if self._embedded is not None:
