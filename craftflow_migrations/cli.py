@@ -87,6 +87,16 @@ def cmd_run(args: argparse.Namespace) -> int:
                 + ", ".join(f"{v} {k.removeprefix('files_')}" for k, v in totals.items())
             )
 
+        if outcomes is not None:
+            dup = worker.run_duplicates(instance)
+            meta = dup.metadata.get("design_duplicates", {})
+            if dup.success:
+                _out(f"Duplicate groups: {meta.get('exact_groups', 0)} exact, {meta.get('near_groups', 0)} near "
+                     f"(craftflow-migrate duplicates --shop NAME); report: {meta.get('report_path', '-')}")
+            else:
+                _print_outcome("Duplicate detection", dup)
+            ok &= dup.success
+
     if mode in ("all", "complex"):
         outcome = worker.run_complex(instance)
         _print_outcome("Complex migrations", outcome, worker.applied_in_run(url, outcome.run_id))
@@ -220,6 +230,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    from .duplicates.store import groups_for_shop
+
+    url = _database_url()
+    with get_engine(url).connect() as conn:
+        groups = groups_for_shop(conn, args.shop)
+    if args.json:
+        _out(json.dumps(groups, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    if not groups:
+        _out(f"No duplicate groups{f' for shop {args.shop!r}' if args.shop else ''}")
+        return EXIT_OK
+    for g in groups:
+        _out(f"{g['kind']} group {g['id']} ({len(g['members'])} files, up to {g['max_distance']} bits apart): "
+             f"keep {g['keep']['shop']}/{g['keep']['template']}/{g['keep']['path'].split('/')[-1]} "
+             f"- {g['keep_reason']}")
+        for m in g["members"]:
+            mark = "keep" if m["keep"] else f"{m['distance']:>4}"
+            _out(f"  {mark:>4}  {m['width']}x{m['height']} {m['format']:5} {m['path']}")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="craftflow-migrate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -241,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--force", action="store_true", help="run partitions whose listing is unchanged too")
     imp.add_argument("--batch-mb", type=int, help="batch size in MB (default 500)")
     imp.set_defaults(func=cmd_import)
+    dups = sub.add_parser("duplicates", help="duplicate design groups (of one shop) and the copy to keep")
+    dups.add_argument("--shop", help="only groups with a file in this shop")
+    dups.add_argument("--json", action="store_true", help="machine-readable list of groups")
+    dups.set_defaults(func=cmd_duplicates)
     demo = sub.add_parser("demo", help="run MIGRATION_MODE=all on an embedded PostgreSQL and a sample NAS")
     demo.add_argument("--dir", default="demo_output", help="where the embedded data and sample NAS live")
     demo.set_defaults(func=cmd_demo)

@@ -4,6 +4,7 @@ import os
 
 import dagster as dg
 
+from .duplicates.assets import design_duplicates, failed_share_under_limit, hashes_use_current_algorithm
 from .executors import build_executor, executor_run_config
 from .nas.assets import design_images, nas_partitions
 from .nas.sensors import build_import_after_startup_sensor, build_nas_scan_sensor
@@ -13,6 +14,7 @@ from .schema.jobs import COMPLEX_JOB, STARTUP_JOB, build_migration_job
 from .settings import migrations_dir
 
 NAS_IMPORT_JOB = "nas_import"
+DUPLICATES_JOB = "duplicates"
 
 migration_plan = discover(migrations_dir())
 startup_job = build_migration_job("startup", migration_plan, STARTUP_JOB)
@@ -30,10 +32,17 @@ def nas_import_run_config(max_concurrent: int | None = None) -> dict:
 
 nas_import_job = dg.define_asset_job(
     NAS_IMPORT_JOB,
-    selection=[design_images],
+    selection=dg.AssetSelection.assets(design_images).without_checks(),
     config=nas_import_run_config(),
     executor_def=build_executor(),
     description="Import one <shop>/<template> folder of the NAS into design_images.",
+)
+
+duplicates_job = dg.define_asset_job(
+    DUPLICATES_JOB,
+    selection=dg.AssetSelection.assets(design_duplicates) | dg.AssetSelection.checks_for_assets(design_images),
+    executor_def=dg.in_process_executor,
+    description="Group duplicate designs, write the report, and check design_images.",
 )
 
 complex_migrations_schedule = dg.ScheduleDefinition(
@@ -45,8 +54,9 @@ complex_migrations_schedule = dg.ScheduleDefinition(
 )
 
 defs = dg.Definitions(
-    assets=[design_images],
-    jobs=[startup_job, complex_migrations_job, nas_import_job],
+    assets=[design_images, design_duplicates],
+    asset_checks=[hashes_use_current_algorithm, failed_share_under_limit],
+    jobs=[startup_job, complex_migrations_job, nas_import_job, duplicates_job],
     sensors=[
         build_nas_scan_sensor(nas_import_job, nas_partitions),
         build_import_after_startup_sensor(startup_job, nas_import_job, nas_partitions),
@@ -67,3 +77,7 @@ def complex_migrations_job_factory() -> dg.JobDefinition:
 
 def nas_import_job_factory() -> dg.JobDefinition:
     return defs.resolve_job_def(NAS_IMPORT_JOB)
+
+
+def duplicates_job_factory() -> dg.JobDefinition:
+    return defs.resolve_job_def(DUPLICATES_JOB)

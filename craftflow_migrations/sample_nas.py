@@ -40,7 +40,7 @@ def near_copies(image: Image.Image) -> dict[str, Image.Image]:
     ImageDraw.Draw(marked).text((w * 0.7, h * 0.9), "© CozyCanvas", fill=(255, 255, 255))
     return {
         "resized": image.resize((w // 2, h // 2), Image.LANCZOS),
-        "cropped": image.crop((int(w * 0.03), int(h * 0.03), int(w * 0.97), int(h * 0.97))),
+        "cropped": image.crop((int(w * 0.01), int(h * 0.01), int(w * 0.99), int(h * 0.99))),
         "brighter": ImageEnhance.Brightness(image).enhance(1.15),
         "watermarked": marked,
     }

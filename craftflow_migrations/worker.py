@@ -75,6 +75,12 @@ def run_complex(instance: dg.DagsterInstance) -> RunOutcome:
     return _execute(complex_migrations_job_factory, instance)
 
 
+def run_duplicates(instance: dg.DagsterInstance) -> RunOutcome:
+    from .definitions import duplicates_job_factory
+
+    return _execute(duplicates_job_factory, instance)
+
+
 def applied_in_run(database_url: str, run_id: str) -> list[str]:
     with get_engine(database_url).connect() as conn:
         return list(conn.execute(

@@ -1,0 +1,90 @@
+"""The design_duplicates asset and the checks on design_images."""
+
+import os
+import time
+from pathlib import Path
+
+import dagster as dg
+from sqlalchemy import text
+
+from ..db import PostgresResource
+from ..nas.assets import design_images
+from ..nas.hashing import PHASH_ALGORITHM
+from ..nas.resource import NasResource
+from . import store
+from .grouping import DEFAULT_THRESHOLD, find_groups
+from .report import write_report
+
+
+def default_report_dir() -> Path:
+    configured = os.environ.get("CRAFTFLOW_REPORT_DIR", "").strip()
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("DAGSTER_HOME", ".")) / "reports" / "duplicates"
+
+
+class DuplicatesConfig(dg.Config):
+    threshold: int = DEFAULT_THRESHOLD
+    report_dir: str = ""
+
+
+@dg.asset(
+    deps=[design_images],
+    group_name="nas",
+    description="Exact and near-duplicate designs per tenant, the copy to keep, and an HTML report.",
+    metadata={"tables": "design_duplicate_groups, design_duplicate_members"},
+)
+def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfig,
+                      postgres: PostgresResource, nas: NasResource) -> dg.MaterializeResult:
+    started = time.monotonic()
+    with postgres.engine.connect() as conn:
+        images = store.load_images(conn)
+    groups = find_groups(images, config.threshold)
+    grouped_s = time.monotonic() - started
+    with postgres.engine.begin() as conn:
+        store.replace_groups(conn, groups, config.threshold)
+    out_dir = Path(config.report_dir) if config.report_dir else default_report_dir()
+    client = nas.open() if not nas.missing() else None
+    try:
+        report = write_report(groups, out_dir, client.read if client else (lambda p: b""), config.threshold)
+    finally:
+        if client:
+            client.close()
+    exact = sum(g.kind == "exact" for g in groups)
+    context.log.info(
+        f"{len(images)} hashed images: {exact} exact and {len(groups) - exact} near-duplicate groups "
+        f"(threshold {config.threshold}) in {grouped_s:.2f}s; report {report}"
+    )
+    return dg.MaterializeResult(metadata={
+        "images": len(images),
+        "exact_groups": exact,
+        "near_groups": len(groups) - exact,
+        "images_in_groups": sum(len(g.members) for g in groups),
+        "threshold_bits": config.threshold,
+        "grouping_seconds": round(grouped_s, 3),
+        "report": dg.MetadataValue.url(report.resolve().as_uri()),
+        "report_path": dg.MetadataValue.path(str(report.resolve())),
+    })
+
+
+@dg.asset_check(asset=design_images, description="Every imported image is hashed with the current algorithm.")
+def hashes_use_current_algorithm(postgres: PostgresResource) -> dg.AssetCheckResult:
+    with postgres.engine.connect() as conn:
+        stale = conn.execute(text(
+            "SELECT count(*) FROM design_images WHERE status = 'ok' "
+            "AND (phash IS NULL OR hash_algorithm IS DISTINCT FROM :a)"), {"a": PHASH_ALGORITHM}).scalar()
+    return dg.AssetCheckResult(passed=stale == 0, metadata={"stale_rows": stale, "algorithm": PHASH_ALGORITHM})
+
+
+@dg.asset_check(asset=design_images, description="The share of failed files stays under MAX_FAILED_SHARE (5%).")
+def failed_share_under_limit(postgres: PostgresResource) -> dg.AssetCheckResult:
+    limit = float(os.environ.get("MAX_FAILED_SHARE", "0.05") or 0.05)
+    with postgres.engine.connect() as conn:
+        total, failed = conn.execute(text(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'failed') FROM design_images "
+            "WHERE status <> 'removed'")).one()
+    share = failed / total if total else 0.0
+    return dg.AssetCheckResult(
+        passed=share <= limit,
+        metadata={"failed": failed, "files": total, "failed_share": round(share, 4), "limit": limit},
+    )

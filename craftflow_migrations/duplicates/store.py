@@ -1,0 +1,77 @@
+"""Read hashed images and write duplicate groups."""
+
+from __future__ import annotations
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from ..nas.hashing import PHASH_ALGORITHM
+from .grouping import Group, ImageRow
+
+
+def load_images(conn: Connection) -> list[ImageRow]:
+    """Images with a current hash; the scope is the shop's tenant, or the shop when unlinked."""
+    rows = conn.execute(
+        text(
+            """
+            SELECT d.id, COALESCE('tenant:' || s.tenant_id, 'shop:' || d.shop) AS scope, d.shop, d.template,
+                   d.path, d.sha256, d.phash, d.width, d.height, d.format, d.mtime
+            FROM design_images d LEFT JOIN shops s ON s.id = d.shop_id
+            WHERE d.status = 'ok' AND d.phash IS NOT NULL AND d.hash_algorithm = :algorithm
+            """
+        ),
+        {"algorithm": PHASH_ALGORITHM},
+    )
+    return [ImageRow(*r) for r in rows]
+
+
+def replace_groups(conn: Connection, groups: list[Group], threshold: int) -> None:
+    """Swap in a new set of groups in one transaction: readers never see half of it."""
+    conn.execute(text("DELETE FROM design_duplicate_groups"))
+    for g in groups:
+        group_id = conn.execute(
+            text(
+                "INSERT INTO design_duplicate_groups (scope, kind, keep_image_id, keep_reason, size, max_distance, threshold) "
+                "VALUES (:scope, :kind, :keep, :reason, :size, :maxd, :threshold) RETURNING id"
+            ),
+            {"scope": g.scope, "kind": g.kind, "keep": g.keep.id, "reason": g.keep_reason,
+             "size": len(g.members), "maxd": g.max_distance, "threshold": threshold},
+        ).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO design_duplicate_members (group_id, image_id, distance_to_keep, is_keep) "
+                "VALUES (:g, :i, :d, :k)"
+            ),
+            [{"g": group_id, "i": m.id, "d": g.distances[m.id], "k": m.id == g.keep.id} for m in g.members],
+        )
+
+
+def groups_for_shop(conn: Connection, shop: str | None) -> list[dict]:
+    """Stored groups with at least one member in ``shop`` (all groups when None)."""
+    rows = conn.execute(
+        text(
+            """
+            SELECT g.id, g.kind, g.scope, g.keep_reason, g.max_distance, g.threshold,
+                   d.shop, d.template, d.path, d.width, d.height, d.format, m.distance_to_keep, m.is_keep
+            FROM design_duplicate_groups g
+            JOIN design_duplicate_members m ON m.group_id = g.id
+            JOIN design_images d ON d.id = m.image_id
+            WHERE CAST(:shop AS text) IS NULL OR g.id IN (
+                SELECT m2.group_id FROM design_duplicate_members m2
+                JOIN design_images d2 ON d2.id = m2.image_id WHERE d2.shop = :shop)
+            ORDER BY g.kind, g.id, m.is_keep DESC, d.shop, d.template, d.path
+            """
+        ),
+        {"shop": shop},
+    )
+    groups: dict[int, dict] = {}
+    for r in rows:
+        g = groups.setdefault(r.id, {"id": r.id, "kind": r.kind, "scope": r.scope, "keep_reason": r.keep_reason,
+                                     "max_distance": r.max_distance, "threshold": r.threshold, "keep": None,
+                                     "members": []})
+        member = {"shop": r.shop, "template": r.template, "path": r.path, "width": r.width, "height": r.height,
+                  "format": r.format, "distance": r.distance_to_keep, "keep": r.is_keep}
+        g["members"].append(member)
+        if r.is_keep:
+            g["keep"] = member
+    return list(groups.values())

@@ -1,0 +1,181 @@
+"""Duplicate groups from generated images: near copies group, unrelated designs do not."""
+
+import json
+import random
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance
+from sqlalchemy import text
+
+from craftflow_migrations.db import PostgresResource, get_engine
+from craftflow_migrations.duplicates.assets import (
+    design_duplicates,
+    failed_share_under_limit,
+    hashes_use_current_algorithm,
+)
+from craftflow_migrations.duplicates.grouping import ImageRow, choose_keep, find_groups
+from craftflow_migrations.nas import store as nas_store
+from craftflow_migrations.nas.assets import design_images
+from craftflow_migrations.nas.client import LocalNasClient
+from craftflow_migrations.nas.importer import import_batch
+from craftflow_migrations.nas.resource import NasResource
+
+from .conftest import cli_env
+from .support import photo_like, write_bad_files
+from .test_ui import rendered_dom
+
+T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+
+
+def copies(image: Image.Image) -> dict[str, Image.Image]:
+    w, h = image.size
+    marked = image.copy()
+    ImageDraw.Draw(marked).text((w * 0.7, h * 0.9), "© shop", fill=(255, 255, 255))
+    return {
+        "resized.jpg": image.resize((w // 2, h // 2), Image.LANCZOS),
+        "cropped.jpg": image.crop((int(w * 0.01), int(h * 0.01), int(w * 0.99), int(h * 0.99))),
+        "brighter.jpg": ImageEnhance.Brightness(image).enhance(1.15),
+        "watermarked.jpg": marked,
+    }
+
+
+@pytest.fixture
+def nas_folder(tmp_path):
+    """Three designs with near copies across two shops of one tenant; three unrelated designs."""
+    base = tmp_path / "G"
+    for n in range(3):
+        original = photo_like(1200, 900, 10 + n)
+        shop_a, shop_b = base / "Shop A" / "Posters", base / "Shop B" / "Canvas"
+        shop_a.mkdir(parents=True, exist_ok=True)
+        shop_b.mkdir(parents=True, exist_ok=True)
+        original.save(shop_a / f"design{n}.png")
+        original.save(shop_a / f"design{n}.jpg", quality=85)  # re-encoded
+        for name, image in copies(original).items():
+            image.save(shop_b / f"design{n} {name}", quality=90)
+    for n in range(3):
+        folder = base / "Other Tenant" / "Misc"
+        folder.mkdir(parents=True, exist_ok=True)
+        photo_like(1200, 900, 50 + n).save(folder / f"unrelated{n}.jpg", quality=90)
+    (base / "Other Tenant" / "Misc" / "design0 copy.png").write_bytes((base / "Shop A/Posters/design0.png").read_bytes())
+    return base
+
+
+def import_folder(url: str, base) -> None:
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, slug) VALUES (1, 'Acme', 'acme'), (2, 'Other', 'other')"))
+        conn.execute(text("INSERT INTO shops (tenant_id, name, platform) VALUES "
+                          "(1, 'Shop A', 'etsy'), (1, 'Shop B', 'shopify'), (2, 'Other Tenant', 'etsy')"))
+    client = LocalNasClient(base)
+    for shop, template in client.list_partitions():
+        import_batch(client, engine, client.list_files(shop, template))
+        with engine.begin() as conn:
+            nas_store.link_shop(conn, shop)
+
+
+def rows_from_db(url: str) -> list[ImageRow]:
+    from craftflow_migrations.duplicates.store import load_images
+
+    with get_engine(url).connect() as conn:
+        return load_images(conn)
+
+
+def test_near_copies_group_and_unrelated_do_not(migrated_url, nas_folder):
+    import_folder(migrated_url, nas_folder)
+    rows = rows_from_db(migrated_url)
+    groups = find_groups(rows)
+    near = [g for g in groups if g.kind == "near"]
+    assert len(near) == 3
+    for n, g in enumerate(sorted(near, key=lambda g: g.members[0].path)):
+        names = {m.path.split("/")[-1] for m in g.members}
+        assert names == {f"design{n}.png", f"design{n}.jpg", *(f"design{n} {c}" for c in copies(Image.new("RGB", (4, 4))))}
+        assert {m.shop for m in g.members} == {"Shop A", "Shop B"}  # across shops of one tenant
+        assert g.keep.path.endswith(f"design{n}.png") and "lossless PNG" in g.keep_reason
+    # The byte-identical copy in another tenant's shop is not grouped with tenant 1's files.
+    assert [g for g in groups if g.kind == "exact"] == []
+    # Deterministic: the same groups whatever order rows come in.
+    shuffled = rows[:]
+    random.Random(7).shuffle(shuffled)
+    assert [[m.id for m in g.members] for g in find_groups(shuffled)] == [[m.id for m in g.members] for g in groups]
+
+
+def hash_with(bits: set[int]) -> str:
+    value = 0
+    for b in bits:
+        value |= 1 << (255 - b)
+    return f"{value:064x}"
+
+
+def row(i: int, phash: str, sha: str | None = None, w=100, h=100, fmt="JPEG", age=0) -> ImageRow:
+    return ImageRow(i, "tenant:1", "S", "T", f"S/T/{i}.jpg", sha or f"{i:064x}", phash, w, h, fmt,
+                    T0 + timedelta(days=age))
+
+
+def test_chains_join_and_threshold_holds():
+    a = hash_with(set())
+    b = hash_with(set(range(0, 15)))      # 15 from a
+    c = hash_with(set(range(15, 30)))     # 15 from a? no: 15 from... b->c = 30; a->c = 15
+    d = hash_with(set(range(30, 60)))     # 30 from a, 45 from b
+    groups = find_groups([row(1, a), row(2, b), row(3, c), row(4, d)], threshold=22)
+    assert len(groups) == 1 and [m.id for m in groups[0].members] == [1, 2, 3]
+    chain = find_groups([row(1, hash_with(set(range(0, 20)))), row(2, a), row(3, hash_with(set(range(20, 40))))],
+                        threshold=22)
+    assert [m.id for m in chain[0].members] == [1, 2, 3]  # 1 and 3 are 40 apart, joined through 2
+    assert find_groups([row(1, a), row(2, hash_with(set(range(23))))], threshold=22) == []
+    assert len(find_groups([row(1, a), row(2, hash_with(set(range(22))))], threshold=22)) == 1
+
+
+def test_keep_rule():
+    big, small = row(1, "0" * 64, w=4000, h=3000), row(2, "0" * 64, w=2000, h=1500, age=-9)
+    assert choose_keep([small, big]) == (big, "highest resolution (4000×3000)")
+    png, jpg = row(3, "0" * 64, fmt="PNG", age=5), row(4, "0" * 64, fmt="JPEG")
+    assert choose_keep([jpg, png])[0] is png
+    old, new = row(5, "0" * 64, age=1), row(6, "0" * 64, age=2)
+    keep, reason = choose_keep([new, old])
+    assert keep is old and reason.startswith("same resolution and kind of format; oldest")
+
+
+def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_path):
+    import_folder(migrated_url, nas_folder)
+    write_bad_files(nas_folder / "Shop A" / "Broken")
+    client = LocalNasClient(nas_folder)
+    import_batch(client, get_engine(migrated_url), client.list_files("Shop A", "Broken"))
+    report_dir = tmp_path / "report"
+    result = dg.materialize(
+        [design_images, design_duplicates, hashes_use_current_algorithm, failed_share_under_limit],
+        selection=dg.AssetSelection.assets(design_duplicates) | dg.AssetSelection.checks_for_assets(design_images),
+        instance=instance,
+        resources={"postgres": PostgresResource(database_url=migrated_url), "nas": NasResource(base_path=str(nas_folder))},
+        run_config={"ops": {"design_duplicates": {"config": {"report_dir": str(report_dir)}}}},
+    )
+    assert result.success
+    meta = result.asset_materializations_for_node("design_duplicates")[0].metadata
+    assert meta["near_groups"].value == 3 and meta["exact_groups"].value == 0
+    assert meta["report"].value == (report_dir / "index.html").resolve().as_uri()
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["hashes_use_current_algorithm"].passed
+    assert not checks["failed_share_under_limit"].passed  # 3 broken of 24 files is over 5%
+    assert checks["failed_share_under_limit"].metadata["failed"].value == 3
+
+    with get_engine(migrated_url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM design_duplicate_groups")).scalar() == 3
+        assert conn.execute(text("SELECT count(*) FROM design_duplicate_members WHERE is_keep")).scalar() == 3
+
+    dom = rendered_dom((report_dir / "index.html").as_uri())
+    assert 'data-thumbs-total="18"' in dom and 'data-thumbs-loaded="18"' in dom
+
+    env = cli_env()
+    out = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "duplicates", "--shop", "Shop B", "--json"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    groups = json.loads(out.stdout)
+    assert len(groups) == 3
+    assert all(g["keep"]["path"].endswith(".png") and g["keep"]["shop"] == "Shop A" for g in groups)
+    assert {m["template"] for g in groups for m in g["members"]} == {"Posters", "Canvas"}
+    text_out = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "duplicates", "--shop", "Shop A"],
+                              env=env, capture_output=True, text=True, timeout=120).stdout
+    assert text_out.count("near group") == 3 and "keep Shop A/Posters/design0.png" in text_out
