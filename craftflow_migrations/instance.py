@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -39,5 +40,19 @@ def ensure_dagster_home() -> Path:
 
 
 def get_instance() -> dg.DagsterInstance:
-    ensure_dagster_home()
-    return dg.DagsterInstance.get()
+    """The instance, with its storage created under a file lock.
+
+    Two workers starting at once on a fresh SQLite-backed DAGSTER_HOME would both create
+    its tables ("table runs already exists"); PostgreSQL storage is unaffected.
+    """
+    home = ensure_dagster_home()
+    with open(home / ".craftflow-init.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            instance = dg.DagsterInstance.get()
+            instance.get_runs(limit=1)
+            instance.get_dynamic_partitions("nas_shop_templates")
+            instance.all_instigator_state()
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return instance
