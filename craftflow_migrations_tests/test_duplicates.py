@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 
 import dagster as dg
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import Image
 from sqlalchemy import text
 
 from craftflow_migrations.db import PostgresResource, get_engine
@@ -23,24 +23,13 @@ from craftflow_migrations.nas.assets import design_images
 from craftflow_migrations.nas.client import LocalNasClient
 from craftflow_migrations.nas.importer import import_batch
 from craftflow_migrations.nas.resource import NasResource
+from craftflow_migrations.sample_nas import near_copies
 
 from .conftest import cli_env
 from .support import photo_like, write_bad_files
 from .test_ui import rendered_dom
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
-
-
-def copies(image: Image.Image) -> dict[str, Image.Image]:
-    w, h = image.size
-    marked = image.copy()
-    ImageDraw.Draw(marked).text((w * 0.7, h * 0.9), "© shop", fill=(255, 255, 255))
-    return {
-        "resized.jpg": image.resize((w // 2, h // 2), Image.LANCZOS),
-        "cropped.jpg": image.crop((int(w * 0.01), int(h * 0.01), int(w * 0.99), int(h * 0.99))),
-        "brighter.jpg": ImageEnhance.Brightness(image).enhance(1.15),
-        "watermarked.jpg": marked,
-    }
 
 
 @pytest.fixture
@@ -54,8 +43,8 @@ def nas_folder(tmp_path):
         shop_b.mkdir(parents=True, exist_ok=True)
         original.save(shop_a / f"design{n}.png")
         original.save(shop_a / f"design{n}.jpg", quality=85)  # re-encoded
-        for name, image in copies(original).items():
-            image.save(shop_b / f"design{n} {name}", quality=90)
+        for label, image in near_copies(original).items():
+            image.save(shop_b / f"design{n} {label}.jpg", quality=90)
     for n in range(3):
         folder = base / "Other Tenant" / "Misc"
         folder.mkdir(parents=True, exist_ok=True)
@@ -92,7 +81,8 @@ def test_near_copies_group_and_unrelated_do_not(migrated_url, nas_folder):
     assert len(near) == 3
     for n, g in enumerate(sorted(near, key=lambda g: g.members[0].path)):
         names = {m.path.split("/")[-1] for m in g.members}
-        assert names == {f"design{n}.png", f"design{n}.jpg", *(f"design{n} {c}" for c in copies(Image.new("RGB", (4, 4))))}
+        labels = near_copies(Image.new("RGB", (100, 100)))
+        assert names == {f"design{n}.png", f"design{n}.jpg", *(f"design{n} {label}.jpg" for label in labels)}
         assert {m.shop for m in g.members} == {"Shop A", "Shop B"}  # across shops of one tenant
         assert g.keep.path.endswith(f"design{n}.png") and "lossless PNG" in g.keep_reason
     # The byte-identical copy in another tenant's shop is not grouped with tenant 1's files.
