@@ -18,18 +18,6 @@ class ConfigError(ValueError):
     """A setting is missing or malformed; the message is one line naming the variable."""
 
 
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean: use true or false")
-
-
 def _int(name: str, default: int, minimum: int = 1) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
@@ -101,38 +89,3 @@ def migrations_dir() -> Path:
             raise ConfigError(f"CRAFTFLOW_MIGRATIONS_DIR={override!r} is not a directory")
         return path
     return Path(__file__).parent / "migrations"
-
-
-@dataclass(frozen=True)
-class NasSettings:
-    host: str | None
-    username: str | None
-    port: int
-    base_path: str
-    use_batched: bool
-
-    @property
-    def is_remote(self) -> bool:
-        return bool(self.host)
-
-    @classmethod
-    def from_env(cls) -> NasSettings:
-        host = os.environ.get("QNAP_HOST", "").strip() or None
-        return cls(
-            host=host,
-            username=os.environ.get("QNAP_USERNAME", "").strip() or None,
-            port=_int("QNAP_PORT", 22),
-            base_path=os.environ.get("NAS_BASE_PATH", "").strip() or DEFAULT_NAS_BASE_PATH,
-            use_batched=_bool("NAS_USE_BATCHED", True),
-        )
-
-    def missing(self) -> list[str]:
-        """Variables that must be set before the NAS can be read; empty when ready."""
-        if self.is_remote:
-            need = ["QNAP_USERNAME"] if not self.username else []
-            if not (os.environ.get("QNAP_PASSWORD") or os.environ.get("QNAP_KEY_FILE")):
-                need.append("QNAP_PASSWORD (or QNAP_KEY_FILE)")
-            return need
-        if not Path(self.base_path).is_dir():
-            return ["QNAP_HOST (or NAS_BASE_PATH pointing at a local folder)"]
-        return []

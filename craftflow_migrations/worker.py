@@ -128,13 +128,6 @@ def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> No
         instance.add_dynamic_partitions(nas_partitions.name, new)
 
 
-def discover_partitions(instance: dg.DagsterInstance) -> list[str]:
-    """List <shop>/<template> folders on the NAS and register them as partitions."""
-    keys = list(scan_nas())
-    register_partitions(instance, keys)
-    return keys
-
-
 def last_fingerprint(instance: dg.DagsterInstance, key: str) -> str | None:
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey("design_images"), asset_partitions=[key]), limit=1
@@ -179,5 +172,5 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     return [outcomes[k] for k in keys]
 
 
-__all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run", "discover_partitions",
+__all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run",
            "run_complex", "run_nas_import", "run_startup"]

@@ -32,10 +32,15 @@ class NasImportConfig(dg.Config):
     min_batch_mb: int = 32
 
 
+def pending_startup_migrations(engine) -> list[str]:
+    """What stands between the database and the schema head: file problems, then pending names."""
+    plan = discover(migrations_dir())
+    return plan.errors + runner.pending(engine, plan.of_kind("startup"))
+
+
 def schema_gate(engine) -> None:
     """Refuse to import into an old schema."""
-    plan = discover(migrations_dir())
-    missing = plan.errors + runner.pending(engine, plan.of_kind("startup"))
+    missing = pending_startup_migrations(engine)
     if missing:
         raise dg.Failure(
             description=(

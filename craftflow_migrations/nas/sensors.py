@@ -10,19 +10,12 @@ import json
 import dagster as dg
 
 from ..db import PostgresResource
-from ..schema import runner
-from ..schema.discovery import discover
-from ..settings import migrations_dir
+from .assets import pending_startup_migrations
 from .client import NasError, partition_key, unusable_name
 from .resource import NasResource
 from .scan import listing_fingerprint
 
 DESIGN_IMAGES = dg.AssetKey("design_images")
-
-
-def pending_startup_migrations(postgres: PostgresResource) -> list[str]:
-    plan = discover(migrations_dir())
-    return plan.errors + runner.pending(postgres.engine, plan.of_kind("startup"))
 
 
 def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
@@ -37,7 +30,7 @@ def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
     def nas_scan_sensor(context: dg.SensorEvaluationContext, nas: NasResource, postgres: PostgresResource):
         if nas.missing():
             return dg.SkipReason(f"NAS credentials not configured: set {', '.join(nas.missing())}")
-        pending = pending_startup_migrations(postgres)
+        pending = pending_startup_migrations(postgres.engine)
         if pending:
             return dg.SkipReason(f"Schema is not at head (pending: {', '.join(pending)}); waiting for the startup job")
         seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}

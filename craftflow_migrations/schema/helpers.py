@@ -20,14 +20,6 @@ def column_exists(conn: Connection, table: str, column: str) -> bool:
     return any(c["name"] == column for c in inspect(conn).get_columns(table))
 
 
-def constraint_exists(conn: Connection, name: str) -> bool:
-    return bool(conn.execute(text("SELECT 1 FROM pg_constraint WHERE conname = :n"), {"n": name}).scalar())
-
-
-def type_exists(conn: Connection, name: str) -> bool:
-    return bool(conn.execute(text("SELECT 1 FROM pg_type WHERE typname = :n"), {"n": name}).scalar())
-
-
 def index_state(conn: Connection, name: str) -> str | None:
     """``'valid'``, ``'invalid'`` or ``None`` when there is no such index."""
     valid = conn.execute(
