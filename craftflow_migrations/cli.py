@@ -73,9 +73,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             for o in outcomes:
                 if o.unchanged:
                     continue
-                summary = next((m for k, m in o.metadata.items() if k.endswith("summarize_nas_import")), {})
                 for key in totals:
-                    totals[key] += int(summary.get(key, 0) or 0)
+                    totals[key] += int(o.import_summary.get(key, 0) or 0)
                 if not o.success:
                     _print_outcome(f"NAS import {o.partition}", o)
                 ok &= o.success
@@ -86,8 +85,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{failed_runs} failed), "
                 + ", ".join(f"{v} {k.removeprefix('files_')}" for k, v in totals.items())
             )
-
-        if outcomes is not None:
             dup = worker.run_duplicates(instance)
             meta = dup.metadata.get("design_duplicates", {})
             if dup.success:
@@ -136,9 +133,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         if o.unchanged:
             _out(f"{o.partition}: unchanged since its last import (use --force to run it anyway)")
             continue
-        summary = next((m for k, m in o.metadata.items() if k.endswith("summarize_nas_import")), {})
         _out(f"{o.partition}: {'ok' if o.success else 'FAILED'} (run {o.run_id}) "
-             + ", ".join(f"{k}={v}" for k, v in summary.items() if k.startswith("files_")))
+             + ", ".join(f"{k}={v}" for k, v in o.import_summary.items() if k.startswith("files_")))
         for failure in o.failures:
             _out(f"  ❌ {failure}")
     return EXIT_OK if all(o.success for o in outcomes) else EXIT_FAILED

@@ -15,7 +15,7 @@ import dagster as dg
 from sqlalchemy import text
 
 from .db import get_engine
-from .nas.client import NasError, partition_key, unusable_name
+from .nas.client import NasError
 from .resources import nas_from_env
 
 log = logging.getLogger("craftflow_migrations.worker")
@@ -31,6 +31,11 @@ class RunOutcome:
     skipped: list[str] = field(default_factory=list)
     metadata: dict[str, dict] = field(default_factory=dict)
     unchanged: bool = False  # not run: the folder's listing matched its last import
+
+    @property
+    def import_summary(self) -> dict:
+        """The NAS import's materialization metadata (empty for other jobs or failed runs)."""
+        return next((m for k, m in self.metadata.items() if k.endswith("summarize_nas_import")), {})
 
 
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -95,8 +100,7 @@ class NasNotConfigured(RuntimeError):
 
 def scan_nas(keys: Sequence[str] | None = None) -> dict[str, str]:
     """Listing fingerprint of every partition on the NAS (or of ``keys``), over one connection."""
-    from .nas.client import split_partition_key
-    from .nas.scan import listing_fingerprint
+    from .nas.scan import fingerprint_partitions
 
     nas = nas_from_env()
     missing = nas.missing()
@@ -104,17 +108,7 @@ def scan_nas(keys: Sequence[str] | None = None) -> dict[str, str]:
         raise NasNotConfigured(f"set {', '.join(missing)}")
     client = nas.open()
     try:
-        if keys is None:
-            pairs = []
-            for shop, template in client.list_partitions():
-                problem = unusable_name(shop) or unusable_name(template)
-                if problem:
-                    log.warning(f"Skipping {shop}/{template}: {problem}")
-                else:
-                    pairs.append((shop, template))
-        else:
-            pairs = [split_partition_key(k) for k in keys]
-        return {partition_key(s, t): listing_fingerprint(client.list_files(s, t)) for s, t in pairs}
+        return fingerprint_partitions(client, log, keys)
     finally:
         client.close()
 

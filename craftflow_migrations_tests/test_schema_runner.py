@@ -25,6 +25,14 @@ def copy_migrations(tmp_path: Path) -> Path:
     return folder
 
 
+def single_migration(tmp_path: Path, name: str, source: str) -> Path:
+    """A folder holding one migration file, for tests that need nothing else."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / f"{name}.py").write_text(source)
+    return folder
+
+
 def tables(engine) -> set[str]:
     return set(inspect(engine).get_table_names())
 
@@ -130,9 +138,8 @@ def test_non_transactional_migration_rebuilds_an_invalid_index(engine, tmp_path)
         assert index_state(conn, "things_code_key") == "invalid"
     with engine.begin() as conn:
         conn.execute(text("UPDATE things SET code = 'b' WHERE id = 2"))
-    folder = tmp_path / "m"
-    folder.mkdir()
-    (folder / "unique_things.py").write_text(
+    folder = single_migration(
+        tmp_path, "unique_things",
         "from craftflow_migrations.schema.helpers import create_index_concurrently\n"
         "DEPENDS_ON = []\nTRANSACTIONAL = False\n"
         "def upgrade(connection):\n"
@@ -146,9 +153,8 @@ def test_non_transactional_migration_rebuilds_an_invalid_index(engine, tmp_path)
 def test_lock_timeout_is_retried_instead_of_blocking(engine, tmp_path):
     with engine.begin() as conn:
         conn.execute(text("CREATE TABLE busy (id int)"))
-    folder = tmp_path / "m"
-    folder.mkdir()
-    (folder / "alter_busy.py").write_text(
+    folder = single_migration(
+        tmp_path, "alter_busy",
         "from sqlalchemy import text\nDEPENDS_ON = []\n"
         "def upgrade(connection):\n    connection.execute(text('ALTER TABLE busy ADD COLUMN note text'))\n"
     )

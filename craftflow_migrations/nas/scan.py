@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from .client import NasFile
+from .client import NasClient, NasFile, partition_key, split_partition_key, unusable_name
 from .store import KnownRow
 
 
@@ -37,3 +38,19 @@ def listing_fingerprint(files: Sequence[NasFile]) -> str:
     for f in files:
         digest.update(f"{f.path}\0{f.size}\0{f.mtime:.6f}\n".encode())
     return digest.hexdigest()[:32]
+
+
+def fingerprint_partitions(client: NasClient, logger: logging.Logger,
+                           keys: Sequence[str] | None = None) -> dict[str, str]:
+    """Listing fingerprint of every usable <shop>/<template> folder (or of ``keys``)."""
+    if keys is None:
+        pairs = []
+        for shop, template in client.list_partitions():
+            problem = unusable_name(shop) or unusable_name(template)
+            if problem:
+                logger.warning(f"Skipping {shop}/{template}: {problem}")
+            else:
+                pairs.append((shop, template))
+    else:
+        pairs = [split_partition_key(k) for k in keys]
+    return {partition_key(s, t): listing_fingerprint(client.list_files(s, t)) for s, t in pairs}

@@ -11,9 +11,9 @@ import dagster as dg
 
 from ..db import PostgresResource
 from .assets import pending_startup_migrations
-from .client import NasError, partition_key, unusable_name
+from .client import NasError
 from .resource import NasResource
-from .scan import listing_fingerprint
+from .scan import fingerprint_partitions
 
 DESIGN_IMAGES = dg.AssetKey("design_images")
 
@@ -34,17 +34,10 @@ def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
         if pending:
             return dg.SkipReason(f"Schema is not at head (pending: {', '.join(pending)}); waiting for the startup job")
         seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
-        current: dict[str, str] = {}
         try:
             client = nas.open()
             try:
-                for shop, template in client.list_partitions():
-                    problem = unusable_name(shop) or unusable_name(template)
-                    if problem:
-                        context.log.warning(f"Skipping {shop}/{template}: {problem}")
-                        continue
-                    key = partition_key(shop, template)
-                    current[key] = listing_fingerprint(client.list_files(shop, template))
+                current = fingerprint_partitions(client, context.log)
             finally:
                 client.close()
         except NasError as exc:
