@@ -8,6 +8,8 @@ JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then print
   (b)     a plain sequential script: paramiko read(), imagehash.phash, one INSERT per row
   (c)     the ideal: single-core CPU seconds to hash every file from local disk / cores
   (d)     re-run of the unchanged corpus
+  (e)     floors without Dagster: the same batches imported by plain processes, one per
+          core, from local disk and over the same sshd (what Dagster itself costs is (a) - (e))
 
     .venv/bin/python -m benchmarks.bench_nas_import [--min-mb 600]
 """
@@ -122,6 +124,51 @@ def ideal_cpu_seconds(files: list[Path]) -> float:
     return total
 
 
+def _warm(_: int) -> int:
+    import craftflow_migrations.db  # noqa: F401
+    import craftflow_migrations.nas.importer  # noqa: F401
+
+    return 0
+
+
+def _import_plain(args: tuple) -> None:
+    import logging
+
+    from craftflow_migrations.db import get_engine
+    from craftflow_migrations.nas.client import LocalNasClient
+    from craftflow_migrations.nas.importer import import_batch
+    from craftflow_migrations.resources import nas_from_env
+
+    url, env, files, over_sftp = args
+    os.environ.update(env)
+    client = nas_from_env().open() if over_sftp else LocalNasClient(CORPUS)
+    try:
+        import_batch(client, get_engine(url), files, "floor", logging.getLogger("floor"))
+    finally:
+        client.close()
+
+
+def floor_without_dagster(url: str, env: dict, cores: int, over_sftp: bool) -> float:
+    """The import's own batches, one plain process per core: no runs, steps or event log."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from craftflow_migrations.db import get_engine
+    from craftflow_migrations.nas.batching import plan_batches
+    from craftflow_migrations.nas.client import LocalNasClient
+
+    local = LocalNasClient(CORPUS)
+    files = [f for shop, template in local.list_partitions() for f in local.list_files(shop, template)]
+    batches = plan_batches(files, 500 * MB, cores)
+    with get_engine(url).begin() as conn:
+        conn.exec_driver_sql("DELETE FROM design_images")
+    with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
+        list(pool.map(_warm, range(cores)))  # interpreter start-up is not the import's cost
+        started = time.perf_counter()
+        list(pool.map(_import_plain, [(url, env, batch, over_sftp) for batch in batches]))
+        return time.perf_counter() - started
+
+
 def sequential_baseline(sshd, url: str, files: list[Path]) -> float:
     import psycopg2
 
@@ -184,6 +231,9 @@ def main() -> None:
         rerun_s = time.perf_counter() - started
         assert all(o.success for o in outcomes)
 
+        floor_local_s = floor_without_dagster(url, sshd.env(CORPUS), cores, over_sftp=False)
+        floor_sftp_s = floor_without_dagster(url, sshd.env(CORPUS), cores, over_sftp=True)
+
         cpu = ideal_cpu_seconds(files)
         ideal_s = cpu / cores
         baseline_s = None
@@ -200,6 +250,10 @@ def main() -> None:
               f"   -> (a) is {import_s / ideal_s:.2f}x the ideal (target <= 1.3x)")
         print(f"  (d) re-run, corpus unchanged            {rerun_s:8.1f} s"
               f"   -> {100 * rerun_s / import_s:.1f}% of (a) (target < 5%)")
+        print(f"  (e) floors without Dagster, {cores} plain processes:")
+        print(f"      from local disk                      {floor_local_s:8.1f} s   -> {floor_local_s / ideal_s:.2f}x the ideal")
+        print(f"      over the same sshd                   {floor_sftp_s:8.1f} s   -> {floor_sftp_s / ideal_s:.2f}x the ideal"
+              f" (SFTP on these cores: {floor_sftp_s - floor_local_s:+.1f} s; Dagster: {import_s - floor_sftp_s:+.1f} s)")
     finally:
         sshd.stop()
         server.stop()

@@ -47,6 +47,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = get_instance()
     _out(f"craftflow-migrate: MIGRATION_MODE={mode}, Dagster instance {instance.root_directory}")
     ok = True
+    if mode in ("all", "nas-only"):
+        worker.warm_step_processes()
 
     if mode in ("all", "startup"):
         outcome = worker.run_startup(instance)

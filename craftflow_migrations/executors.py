@@ -18,6 +18,8 @@ import dagster as dg
 from .settings import ConfigError
 
 EXECUTORS = ("multiprocess", "celery")
+# Imported once by the forkserver: the project, and the storage layer each step opens.
+FORKSERVER_PRELOAD = ["craftflow_migrations.preload"]
 
 
 def executor_kind() -> str:
@@ -52,7 +54,7 @@ def executor_run_config(max_concurrent: int) -> dict:
                 "max_concurrent": max_concurrent,
                 # Steps fork from a server that has already imported the project,
                 # so a batch step starts in milliseconds instead of seconds.
-                "start_method": {"forkserver": {"preload_modules": ["craftflow_migrations.definitions"]}},
+                "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}},
             }
         }
     }

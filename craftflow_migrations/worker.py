@@ -1,8 +1,9 @@
 """Run the service's modes as Dagster runs on an instance, so they show up in the UI.
 
-``MIGRATION_MODE=all``: startup job, then one NAS import run per <shop>/<template>
-partition, then complex migrations. Each run is a real Dagster run (``execute_job``),
-with the NAS import's batches hashed in parallel by the multiprocess executor.
+``MIGRATION_MODE=all``: startup job, then the NAS import of every new or changed
+<shop>/<template> partition, then complex migrations. Each run is a real Dagster run
+(``execute_job``); the import covers its partitions in one run (a partition range), its
+batches hashed in parallel by the multiprocess executor.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ class RunOutcome:
     partition: str | None = None
     failures: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    metadata: dict[str, dict] = field(default_factory=dict)
+    metadata: dict[str, dict] = field(default_factory=dict)  # step outputs' metadata by step key
+    materializations: dict[str | None, dict] = field(default_factory=dict)  # metadata by partition
     unchanged: bool = False  # not run: the folder's listing matched its last import
 
     @property
     def import_summary(self) -> dict:
-        """The NAS import's materialization metadata (empty for other jobs or failed runs)."""
-        return next((m for k, m in self.metadata.items() if k.endswith("summarize_nas_import")), {})
+        """This partition's NAS import metadata (empty for other jobs or failed runs)."""
+        return self.materializations.get(self.partition, {})
 
 
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -56,6 +58,9 @@ def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstan
             elif event.is_successful_output:
                 meta = event.step_output_data.metadata
                 outcome.metadata[event.step_key] = {k: getattr(v, "value", v) for k, v in meta.items()}
+            elif event.is_step_materialization:
+                mat = event.step_materialization_data.materialization
+                outcome.materializations[mat.partition] = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
         started = {e.step_key for e in result.all_events if e.is_step_start}
         if not result.success:
             # Dagster abandons the dependents of a failed step without a step event.
@@ -132,18 +137,55 @@ def last_fingerprint(instance: dg.DagsterInstance, key: str) -> str | None:
     return getattr(value, "value", value)
 
 
+def warm_step_processes() -> None:
+    """Start the multiprocess executor's forkserver now (idempotent).
+
+    Its imports take about a second; started early they overlap the NAS scan (or, in
+    ``MIGRATION_MODE=all``, the whole startup job) instead of delaying the first step.
+    """
+    from .executors import executor_kind
+
+    if executor_kind() == "multiprocess":
+        from .preload import start_forkserver
+
+        start_forkserver()
+
+
+def contiguous_ranges(keys: Sequence[str], order: Sequence[str]) -> list[list[str]]:
+    """``keys`` cut into runs of neighbours in ``order`` (a partition range must be contiguous)."""
+    position = {k: i for i, k in enumerate(order)}
+    ranges: list[list[str]] = []
+    for key in sorted(keys, key=position.__getitem__):
+        if ranges and position[ranges[-1][-1]] == position[key] - 1:
+            ranges[-1].append(key)
+        else:
+            ranges.append([key])
+    return ranges
+
+
+def partition_tags(keys: Sequence[str]) -> dict[str, str]:
+    """Run tags for one partition, or for a range of them (Dagster's single-run backfill tags)."""
+    if len(keys) == 1:
+        return {"dagster/partition": keys[0]}
+    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
+
+
 def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
                    shop: str | None = None, extra_tags: dict[str, str] | None = None,
                    run_config: dict | None = None, force: bool = False) -> list[RunOutcome]:
-    """One Dagster run per partition: all of them, the given ones, or every template of ``shop``.
+    """Import all partitions, the given ones, or every template of ``shop``: one outcome each.
 
     Partitions whose listing is unchanged since their last materialization are not run
-    again (``force`` runs them anyway): a re-deploy costs one listing per folder.
-    Runs go one after the other: ``execute_job`` is not safe to call from several threads
-    (its logging deadlocks); parallelism is inside each run, across batch steps.
+    again (``force`` runs them anyway): a re-deploy costs one listing per folder. The rest
+    go in as few runs as possible, one per contiguous range of partitions (usually one),
+    because each run and each of its steps has a start-up cost; parallelism is inside the
+    run, across batch steps. Runs are never started from threads: ``execute_job``'s
+    logging deadlocks there.
     """
     from .definitions import nas_import_job_factory, nas_import_run_config
+    from .nas.assets import nas_partitions
 
+    warm_step_processes()
     fingerprints = scan_nas(partitions)
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
@@ -157,12 +199,13 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
         else:
             todo.append(key)
 
-    def one(key: str) -> RunOutcome:
-        tags = {"dagster/partition": key, **(extra_tags or {})}
-        return _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())
-
-    for key in todo:
-        outcomes[key] = one(key)
+    order = instance.get_dynamic_partitions(nas_partitions.name)
+    for group in contiguous_ranges(todo, order):
+        tags = {**partition_tags(group), **(extra_tags or {})}
+        run = _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())
+        for key in group:
+            outcomes[key] = RunOutcome(run.job, run.run_id, run.success, partition=key, failures=run.failures,
+                                       skipped=run.skipped, materializations=run.materializations)
     return [outcomes[k] for k in keys]
 
 

@@ -134,3 +134,25 @@ def test_password_login(sshd):
     with pytest.raises(NasError, match="refused the login of 'cfm_sftp_test': check QNAP_USERNAME and QNAP_PASSWORD"):
         SftpNasClient("127.0.0.1", sshd.port, sshd.password_user, "/", password="wrong",
                       known_hosts=str(sshd.known_hosts))
+
+
+def test_reads_use_aes_gcm_and_the_servers_read_limit(tmp_path, sshd, monkeypatch):
+    from craftflow_migrations.nas import client as nas_client
+
+    base = tmp_path / "G"
+    (base / "S" / "T").mkdir(parents=True)
+    payload = os.urandom(3 * 1024 * 1024 + 12345)
+    (base / "S" / "T" / "big.bin").write_bytes(payload)
+    (base / "S" / "T" / "small.bin").write_bytes(payload[:1000])
+    # Ask for more per request than OpenSSH serves (255 KB): the client must notice the short
+    # answer and use the server's size, or prefetched chunks would leave holes.
+    monkeypatch.setattr(nas_client, "READ_REQUEST_SIZE", 1024 * 1024)
+    client = open_sftp(sshd, base)
+    try:
+        assert client.transport.remote_cipher.endswith("-gcm@openssh.com")
+        assert client.read("S/T/small.bin") == payload[:1000]
+        assert client.read("S/T/big.bin") == payload
+        assert 4096 <= client.read_request_size < 1024 * 1024
+        assert client.read("S/T/big.bin") == payload  # the probed size, reused
+    finally:
+        client.close()

@@ -2,6 +2,7 @@
 
 import copy
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -245,12 +246,24 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
     base = tmp_path / "G"
     write_corpus(base, {("Shop A", "T1"): 2, ("Shop A", "T2"): 2, ("Shop B", "T1"): 2}, size=(64, 64))
     env = cli_env(NAS_BASE_PATH=str(base))
+    # T2 gets a third file, a byte copy of one in T1: counts differ between the two partitions.
+    shutil.copy(base / "Shop A" / "T1" / "design 000.png", base / "Shop A" / "T2" / "copy of T1.png")
     result = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "import", "--shop", "Shop A"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     with dg.DagsterInstance.get() as instance:
         assert instance.get_materialized_partitions(DESIGN_IMAGES) == {"Shop A/T1", "Shop A/T2"}
         assert set(instance.get_dynamic_partitions(nas_partitions.name)) == {"Shop A/T1", "Shop A/T2", "Shop B/T1"}
+        # Both templates went in as one run (a partition range), each with its own materialization.
+        runs = instance.get_run_records()
+        assert len(runs) == 1
+        assert runs[0].dagster_run.tags["dagster/asset_partition_range_start"] == "Shop A/T1"
+        assert runs[0].dagster_run.tags["dagster/asset_partition_range_end"] == "Shop A/T2"
+        meta = {k: materialization(instance, k) for k in ("Shop A/T1", "Shop A/T2")}
+        assert meta["Shop A/T1"]["files_seen"] == 2 and meta["Shop A/T2"]["files_seen"] == 3
+        assert meta["Shop A/T1"]["files_imported"] == 2 and meta["Shop A/T2"]["files_imported"] == 3
+        assert meta["Shop A/T2"]["exact_duplicates"] == 1
+        assert meta["Shop A/T1"]["listing_fingerprint"] != meta["Shop A/T2"]["listing_fingerprint"]
         runs_before = len(instance.get_run_records())
     again = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "import", "--shop", "Shop A"],
                            env=env, capture_output=True, text=True, timeout=300)
@@ -258,3 +271,15 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
     assert again.stdout.count("unchanged since its last import") == 2
     with dg.DagsterInstance.get() as instance:
         assert len(instance.get_run_records()) == runs_before  # a re-deploy costs a listing, not runs
+
+
+def test_partitions_to_import_are_cut_into_contiguous_ranges():
+    from craftflow_migrations.worker import contiguous_ranges, partition_tags
+
+    order = ["A/1", "A/2", "B/1", "B/2", "C/1"]
+    assert contiguous_ranges(["B/2", "A/1", "A/2", "C/1"], order) == [["A/1", "A/2"], ["B/2", "C/1"]]
+    assert contiguous_ranges(["A/1", "B/1"], order) == [["A/1"], ["B/1"]]
+    assert contiguous_ranges([], order) == []
+    assert partition_tags(["A/1"]) == {"dagster/partition": "A/1"}
+    assert partition_tags(["A/1", "A/2"]) == {"dagster/asset_partition_range_start": "A/1",
+                                              "dagster/asset_partition_range_end": "A/2"}

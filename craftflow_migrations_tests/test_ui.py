@@ -138,3 +138,45 @@ def test_graphql_backfill_of_one_shop(webserver, dagster_home):
     assert set(statuses.values()) == {"SUCCESS"}, statuses
     with dg.DagsterInstance.get() as instance:
         assert instance.get_materialized_partitions(dg.AssetKey("design_images")) == set(shop_a)
+
+
+BACKFILL_STATUS = """
+query($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status runs { id status tags { key value } } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_asset_backfill_of_one_shop_is_a_single_run(webserver, dagster_home):
+    # A backfill of the design_images asset (the UI's "Materialize selected" on partitions),
+    # run by dagster-daemon: its single-run backfill policy makes one run for the range.
+    shop_a = [k for k in PARTITIONS if k.startswith("Shop A/")]
+    data = graphql(webserver, BACKFILL, {"params": {
+        "assetSelection": [{"path": ["design_images"]}],
+        "partitionNames": shop_a,
+        "title": "Shop A, asset backfill",
+    }})["launchPartitionBackfill"]
+    assert data["__typename"] == "LaunchBackfillSuccess", data
+    deadline = time.monotonic() + 240
+    backfill = {}
+    while time.monotonic() < deadline:
+        backfill = graphql(webserver, BACKFILL_STATUS, {"id": data["backfillId"]})["partitionBackfillOrError"]
+        if backfill.get("status") not in ("REQUESTED", "CANCELING", "FAILING"):
+            break
+        time.sleep(1)
+    assert backfill["status"] == "COMPLETED_SUCCESS", backfill
+    assert len(backfill["runs"]) == 1, backfill["runs"]
+    run = backfill["runs"][0]
+    tags = {t["key"]: t["value"] for t in run["tags"]}
+    assert run["status"] == "SUCCESS"
+    assert (tags["dagster/asset_partition_range_start"], tags["dagster/asset_partition_range_end"]) == tuple(shop_a)
+    with dg.DagsterInstance.get() as instance:
+        assert instance.get_materialized_partitions(dg.AssetKey("design_images")) == set(shop_a)
+        for key in shop_a:
+            record = instance.fetch_materializations(
+                dg.AssetRecordsFilter(asset_key=dg.AssetKey("design_images"), asset_partitions=[key]), limit=1).records[0]
+            assert record.asset_materialization.metadata["files_seen"].value == 2

@@ -1,9 +1,10 @@
 """The ``design_images`` asset: one partition per <shop>/<template> folder on the NAS.
 
-Graph-backed: ``plan_nas_batches`` lists the folder, diffs it against the table and
-yields one dynamic output per ~500 MB batch; ``import_nas_batch`` steps are mapped over
-them (in parallel under the multiprocess executor) and ``summarize_nas_import``
-collects the results into the materialization's metadata.
+Graph-backed: ``plan_nas_batches`` lists the run's folders (one partition, or a range of
+them in a single-run backfill), diffs them against the table and yields one dynamic
+output per ~500 MB batch; ``import_nas_batch`` steps are mapped over them (in parallel
+under the multiprocess executor) and ``summarize_nas_import`` writes one materialization
+per partition with its own counts.
 """
 
 import time
@@ -20,7 +21,7 @@ from .batching import MB, plan_batches
 from .client import NasError, NasFile, split_partition_key
 from .importer import import_batch
 from .resource import NasResource
-from .scan import diff_partition, listing_fingerprint
+from .scan import scan_for_import
 
 nas_partitions = dg.DynamicPartitionsDefinition(name="nas_shop_templates")
 SFTP_POOL = "nas_sftp"
@@ -56,9 +57,10 @@ def schema_gate(engine) -> None:
     tags={"kind": "nas"},
 )
 def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
+    """List every partition of the run, diff it, and cut what changed into balanced batches."""
     postgres: PostgresResource = context.resources.postgres
     nas: NasResource = context.resources.nas
-    shop, template = split_partition_key(context.partition_key)
+    keys = list(context.partition_keys)
     schema_gate(postgres.engine)
     if nas.missing():
         raise dg.Failure(description=f"NAS credentials not configured: set {', '.join(nas.missing())}")
@@ -66,28 +68,32 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
     try:
         client = nas.open()
         try:
-            files = client.list_files(shop, template)
+            scans = scan_for_import(client, postgres.engine, keys)
         finally:
             client.close()
     except NasError as exc:
         raise dg.Failure(description=str(exc)) from None
-    with postgres.engine.begin() as conn:
-        diff = diff_partition(files, store.known_rows(conn, shop, template))
-        removed = store.mark_removed(conn, shop, template, diff.removed)
+    to_import = [f for scan in scans for f in scan.to_import]
     if nas.batched:
-        batches = plan_batches(diff.to_import, config.batch_size_mb * MB, config.parallel_batches,
+        # Batches are cut across all partitions of the run, so a run of many small folders
+        # still makes a few large steps that keep every core busy.
+        batches = plan_batches(to_import, config.batch_size_mb * MB, config.parallel_batches,
                                config.min_batch_mb * MB)
     else:
-        batches = [diff.to_import] if diff.to_import else []
+        batches = [to_import] if to_import else []
+    for scan in scans:
+        context.log.info(
+            f"{scan.key}: {scan.seen} files on {nas.description}, {scan.unchanged} unchanged, "
+            f"{len(scan.to_import)} to import ({scan.bytes_to_import / MB:,.1f} MB), {scan.removed} removed"
+        )
     context.log.info(
-        f"{shop}/{template}: {len(files)} files on {nas.description}, {len(diff.unchanged)} unchanged, "
-        f"{len(diff.to_import)} to import ({diff.bytes_to_import / MB:,.1f} MB in {len(batches)} batches), "
-        f"{removed} removed; listed in {time.monotonic() - started:.2f}s"
+        f"{len(keys)} partition(s) listed in {time.monotonic() - started:.2f}s: {len(to_import)} files, "
+        f"{sum(f.size for f in to_import) / MB:,.1f} MB in {len(batches)} batch(es)"
     )
     yield dg.Output(
-        {"seen": len(files), "unchanged": len(diff.unchanged), "removed": removed,
-         "to_import": len(diff.to_import), "batches": len(batches), "started": time.time(),
-         "fingerprint": listing_fingerprint(files)},
+        {"started": time.time(), "batches": len(batches),
+         "partitions": {scan.key: {"seen": scan.seen, "unchanged": scan.unchanged, "removed": scan.removed,
+                                   "fingerprint": scan.fingerprint} for scan in scans}},
         output_name="scan",
     )
     for i, batch in enumerate(batches):
@@ -97,6 +103,12 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
             mapping_key=f"batch_{i + 1:04d}",
             output_name="batches",
         )
+
+
+def _batch_label(context: dg.OpExecutionContext, batch: dict) -> str:
+    keys = context.partition_keys
+    where = keys[0] if len(keys) == 1 else f"{len(keys)} partitions"
+    return f"{where} batch {batch['index']}/{batch['count']}"
 
 
 @dg.op(
@@ -110,7 +122,7 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: dict) -> dict:
     postgres: PostgresResource = context.resources.postgres
     nas: NasResource = context.resources.nas
     files = [NasFile(**f) for f in batch["files"]]
-    label = f"{context.partition_key} batch {batch['index']}/{batch['count']}"
+    label = _batch_label(context, batch)
     if context.retry_number:
         context.log.warning(f"{label}: attempt {context.retry_number + 1} of 3")
     client = nas.open()
@@ -123,38 +135,52 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: dict) -> dict:
         f"{label} done: {result.imported} imported, {result.failed} failed, {result.skipped} already done, "
         f"{result.bytes_read / MB:,.1f} MB at {result.mb_per_s:,.1f} MB/s"
     )
-    return asdict(result) | {"mb_per_s": result.mb_per_s}
+    return {key: asdict(counts) for key, counts in result.partitions.items()}
 
 
 @dg.op(required_resource_keys={"postgres"}, tags={"kind": "nas"})
-def summarize_nas_import(context: dg.OpExecutionContext, scan: dict, results: list[dict]) -> dict:
+def summarize_nas_import(context: dg.AssetExecutionContext, scan: dict, results: list[dict]) -> None:
+    """One materialization per partition, each with its own counts and listing fingerprint.
+
+    Returns nothing: the asset is the table, and an IO manager could not store one value
+    for a range of partitions anyway.
+    """
     postgres: PostgresResource = context.resources.postgres
-    shop, template = split_partition_key(context.partition_key)
-    with postgres.engine.begin() as conn:
-        store.link_shop(conn, shop)
-        duplicates = store.exact_duplicate_count(conn, shop, template)
     seconds = max(time.time() - scan["started"], 1e-6)
-    mb_read = sum(r["bytes_read"] for r in results) / MB
-    summary = {
-        "files_seen": scan["seen"],
-        "files_imported": sum(r["imported"] for r in results),
-        "files_unchanged": scan["unchanged"] + sum(r["skipped"] for r in results),
-        "files_failed": sum(r["failed"] for r in results),
-        "files_removed": scan["removed"],
-        "batches": len(results),
-        "mb_read": round(mb_read, 2),
-        "mb_per_s": round(mb_read / seconds, 2),
-        "seconds": round(seconds, 2),
-        "exact_duplicates": duplicates,
-        "listing_fingerprint": scan["fingerprint"],
-    }
-    context.log.info(f"{shop}/{template}: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k.startswith(("files", "mb", "sec", "exact"))))
-    context.add_output_metadata(summary)
-    return summary
+    run_mb = sum(c["bytes_read"] for r in results for c in r.values()) / MB
+    summaries = {}
+    with postgres.engine.begin() as conn:
+        for shop in sorted({split_partition_key(k)[0] for k in scan["partitions"]}):
+            store.link_shop(conn, shop)
+        for key, seen in scan["partitions"].items():
+            counts = [r[key] for r in results if key in r]
+            total = {name: sum(c[name] for c in counts) for name in ("imported", "failed", "skipped", "bytes_read")}
+            summaries[key] = {
+                "files_seen": seen["seen"],
+                "files_imported": total["imported"],
+                "files_unchanged": seen["unchanged"] + total["skipped"],
+                "files_failed": total["failed"],
+                "files_removed": seen["removed"],
+                "mb_read": round(total["bytes_read"] / MB, 2),
+                "exact_duplicates": store.exact_duplicate_count(conn, *split_partition_key(key)),
+                "listing_fingerprint": seen["fingerprint"],
+                # The run's figures: batches and time are shared by every partition of the run.
+                "run_partitions": len(scan["partitions"]),
+                "batches": scan["batches"],
+                "mb_per_s": round(run_mb / seconds, 2),
+                "seconds": round(seconds, 2),
+            }
+    for key, summary in summaries.items():
+        context.log.info(f"{key}: " + ", ".join(
+            f"{k}={v}" for k, v in summary.items() if k.startswith(("files", "mb", "sec", "exact"))))
+        context.add_asset_metadata(summary, partition_key=key)
 
 
 @dg.graph_asset(
     partitions_def=nas_partitions,
+    # A backfill of many folders is one run: one listing connection, and batches balanced
+    # across every folder instead of a run (and its start-up cost) per folder.
+    backfill_policy=dg.BackfillPolicy.single_run(),
     group_name="nas",
     description="Every image under <NAS_BASE_PATH>/<shop>/<template>/ with sha256 and 256-bit pHash.",
     metadata={"table": "design_images"},

@@ -2,7 +2,10 @@
 
 Listing uses one READDIR exchange per folder (``listdir_attr``), never a stat per file.
 Reads are pipelined (``prefetch``), which is what makes paramiko fast: a plain
-``SFTPFile.read()`` waits for each 32 KB request in turn.
+``SFTPFile.read()`` waits for each 32 KB request in turn. The rest of the speed comes from
+spending less Python per byte: 128 KB read requests instead of 32 KB, chunks handed over
+whole instead of sliced 8 KB at a time, and AES-GCM (one AEAD pass) ahead of AES-CTR plus
+a separate HMAC when the server offers it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ import paramiko
 # Large windows keep many requests in flight on a fast link; OpenSSH's sftp does the same.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
-READ_CHUNK = 1024 * 1024
+# Measured over loopback on 611 MB: 32 KB requests 122 MB/s, 128 KB 248 MB/s, 255 KB 170 MB/s.
+READ_REQUEST_SIZE = 128 * 1024
+FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
 class NasError(RuntimeError):
@@ -197,6 +202,12 @@ class SftpNasClient:
         except OSError as exc:
             raise NasError(f"Cannot reach NAS {host}:{port}: {exc} (check QNAP_HOST and QNAP_PORT)") from None
         transport = paramiko.Transport(sock, default_window_size=WINDOW_SIZE, default_max_packet_size=MAX_PACKET_SIZE)
+        options = transport.get_security_options()
+        options.ciphers = FAST_CIPHERS + tuple(c for c in options.ciphers if c not in FAST_CIPHERS)
+        # Servers cap one read (OpenSSH 9: 255 KB; older sftp-servers: 64 KB); a short answer
+        # to a prefetched request would leave a hole that paramiko fills one round trip at a
+        # time, so the first large file measures the cap.
+        self.read_request_size: int | None = None
         try:
             transport.start_client(timeout=timeout)
             verify_host_key(host, port, transport.get_remote_server_key(), known_hosts, host_key_fingerprint)
@@ -291,10 +302,27 @@ class SftpNasClient:
             size = fh.stat().st_size or 0
             if size == 0:
                 return b""
+            head = b""
+            if self.read_request_size is None:
+                if size <= READ_REQUEST_SIZE:
+                    return fh.read()
+                head = self._probe_read_limit(fh)
+            # Instance overrides of two class constants: requests of the probed size, and
+            # read() taking each prefetched chunk whole (its 8 KB default slices every chunk,
+            # copying the rest of it each time).
+            fh.MAX_REQUEST_SIZE = fh._DEFAULT_BUFSIZE = self.read_request_size or READ_REQUEST_SIZE
             fh.prefetch(size)
             # read() without a size appends to a bytearray; read(size) concatenates bytes
             # (quadratic: 2.5 CPU-s for 60 MB).
-            return fh.read()
+            return head + fh.read() if head else fh.read()
+
+    def _probe_read_limit(self, fh: paramiko.SFTPFile) -> bytes:
+        # One bare request (read() would keep asking until it had the whole size).
+        fh.MAX_REQUEST_SIZE = READ_REQUEST_SIZE
+        head = fh._read(READ_REQUEST_SIZE)
+        self.read_request_size = max(len(head), 4096)
+        fh.seek(len(head))
+        return head
 
     def close(self) -> None:
         try:

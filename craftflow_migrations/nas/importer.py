@@ -1,5 +1,8 @@
 """Import one batch of files: fetch, hash, upsert. Plain Python, no Dagster.
 
+A batch may hold files of several partitions (a run importing many folders balances its
+batches across all of them); counts are kept per partition.
+
 The next file is fetched on a thread while the current one is hashed, so network and
 CPU overlap. Rows are committed every few files, which is what makes a killed run
 resumable: committed files are unchanged on the next scan and are not fetched again.
@@ -13,16 +16,24 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlalchemy.engine import Engine
 
 from . import store
-from .client import NasClient, NasFile
+from .client import NasClient, NasFile, partition_key
 from .hashing import ImageFacts, describe_image
 
 MB = 1024 * 1024
 log = logging.getLogger("craftflow_migrations.nas")
+
+
+@dataclass
+class Counts:
+    imported: int = 0
+    failed: int = 0
+    skipped: int = 0
+    bytes_read: int = 0
 
 
 @dataclass
@@ -34,10 +45,17 @@ class BatchResult:
     skipped: int = 0
     bytes_read: int = 0
     seconds: float = 0.0
+    partitions: dict[str, Counts] = field(default_factory=dict)
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes_read / MB / self.seconds if self.seconds > 0 else 0.0
+
+    def count(self, f: NasFile, **deltas: int) -> None:
+        part = self.partitions.setdefault(partition_key(f.shop, f.template), Counts())
+        for name, delta in deltas.items():
+            setattr(self, name, getattr(self, name) + delta)
+            setattr(part, name, getattr(part, name) + delta)
 
 
 class Progress:
@@ -98,13 +116,18 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], la
     started = time.monotonic()
 
     # A retried batch skips what an earlier attempt already committed.
-    if files:
-        with engine.connect() as conn:
-            known = store.known_rows(conn, files[0].shop, files[0].template)
-        todo = [f for f in files if not (known.get(f.path) and known[f.path].is_current(f))]
-        result.skipped = len(files) - len(todo)
-    else:
-        todo = []
+    todo = []
+    known: dict[tuple[str, str], dict[str, store.KnownRow]] = {}
+    with engine.connect() as conn:
+        for f in files:
+            part = (f.shop, f.template)
+            if part not in known:
+                known[part] = store.known_rows(conn, *part)
+            row = known[part].get(f.path)
+            if row is not None and row.is_current(f):
+                result.count(f, skipped=1)
+            else:
+                todo.append(f)
     progress = Progress(label, len(todo), sum(f.size for f in todo), logger)
     pending: list[dict] = []
     pending_bytes = 0
@@ -123,12 +146,12 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], la
             facts = ImageFacts(None, None, None, None, None, "file disappeared before it could be read")
         else:
             facts = describe_image(data)
-            result.bytes_read += len(data)
+            result.count(f, bytes_read=len(data))
         if facts.error:
-            result.failed += 1
+            result.count(f, failed=1)
             logger.warning(f"{f.path}: {facts.error}")
         else:
-            result.imported += 1
+            result.count(f, imported=1)
         pending.append(store.row_for(f, facts))
         pending_bytes += f.size
         progress.advance(len(data or b""))

@@ -7,6 +7,9 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from sqlalchemy.engine import Engine
+
+from . import store
 from .client import NasClient, NasFile, partition_key, split_partition_key, unusable_name
 from .store import KnownRow
 
@@ -54,3 +57,33 @@ def fingerprint_partitions(client: NasClient, logger: logging.Logger,
     else:
         pairs = [split_partition_key(k) for k in keys]
     return {partition_key(s, t): listing_fingerprint(client.list_files(s, t)) for s, t in pairs}
+
+
+@dataclass
+class PartitionScan:
+    """One partition's listing compared with its rows; removed files are already marked."""
+
+    key: str
+    seen: int
+    unchanged: int
+    removed: int
+    to_import: list[NasFile]
+    fingerprint: str
+
+    @property
+    def bytes_to_import(self) -> int:
+        return sum(f.size for f in self.to_import)
+
+
+def scan_for_import(client: NasClient, engine: Engine, keys: Sequence[str]) -> list[PartitionScan]:
+    """List each partition, diff it against design_images and mark what left the NAS."""
+    scans = []
+    for key in keys:
+        shop, template = split_partition_key(key)
+        files = client.list_files(shop, template)
+        with engine.begin() as conn:
+            diff = diff_partition(files, store.known_rows(conn, shop, template))
+            removed = store.mark_removed(conn, shop, template, diff.removed)
+        scans.append(PartitionScan(key, len(files), len(diff.unchanged), removed, diff.to_import,
+                                   listing_fingerprint(files)))
+    return scans
