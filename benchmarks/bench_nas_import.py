@@ -4,7 +4,8 @@ Generates (once, cached in benchmarks/.corpus) at least 600 MB of large RGBA PNG
 JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then prints:
 
   fetch   OpenSSH's own `sftp` client vs this project's reader (and plain paramiko read())
-  (a)     the project's import (craftflow-migrate's Dagster runs, multiprocess)
+  (a)     the project's import (craftflow-migrate's Dagster runs, multiprocess), from a cold
+          start of the step forkserver and with it already running
   (b)     a plain sequential script: paramiko read(), imagehash.phash, one INSERT per row
   (c)     the ideal: single-core CPU seconds to hash every file from local disk / cores
   (d)     re-run of the unchanged corpus
@@ -226,6 +227,17 @@ def main() -> None:
         import_s = time.perf_counter() - started
         assert all(o.success for o in outcomes), [o.failures for o in outcomes]
 
+        # The same import with the step forkserver already running, as in MIGRATION_MODE=all
+        # where the worker starts it before the startup job.
+        from craftflow_migrations.db import get_engine
+
+        with get_engine(url).begin() as conn:
+            conn.exec_driver_sql("DELETE FROM design_images")
+        started = time.perf_counter()
+        outcomes = worker.run_nas_import(instance, force=True)
+        warm_s = time.perf_counter() - started
+        assert all(o.success for o in outcomes), [o.failures for o in outcomes]
+
         started = time.perf_counter()
         outcomes = worker.run_nas_import(instance)
         rerun_s = time.perf_counter() - started
@@ -243,11 +255,12 @@ def main() -> None:
 
         print(f"\nNAS import of {len(files)} files, {total_mb:,.0f} MB, {len(outcomes)} partitions, {cores} cores:")
         print(f"  (a) this project (Dagster, multiprocess) {import_s:8.1f} s  {total_mb / import_s:6.1f} MB/s")
+        print(f"      the same, step forkserver warm       {warm_s:8.1f} s  {total_mb / warm_s:6.1f} MB/s")
         if baseline_s:
             print(f"  (b) sequential script                    {baseline_s:8.1f} s  {total_mb / baseline_s:6.1f} MB/s"
                   f"   -> (a) is {baseline_s / import_s:.1f}x faster")
         print(f"  (c) ideal: {cpu:.1f} CPU-s of hashing / {cores} cores  {ideal_s:8.1f} s"
-              f"   -> (a) is {import_s / ideal_s:.2f}x the ideal (target <= 1.3x)")
+              f"   -> (a) is {import_s / ideal_s:.2f}x the ideal (target <= 1.3x), warm {warm_s / ideal_s:.2f}x")
         print(f"  (d) re-run, corpus unchanged            {rerun_s:8.1f} s"
               f"   -> {100 * rerun_s / import_s:.1f}% of (a) (target < 5%)")
         print(f"  (e) floors without Dagster, {cores} plain processes:")

@@ -151,25 +151,6 @@ def warm_step_processes() -> None:
         start_forkserver()
 
 
-def contiguous_ranges(keys: Sequence[str], order: Sequence[str]) -> list[list[str]]:
-    """``keys`` cut into runs of neighbours in ``order`` (a partition range must be contiguous)."""
-    position = {k: i for i, k in enumerate(order)}
-    ranges: list[list[str]] = []
-    for key in sorted(keys, key=position.__getitem__):
-        if ranges and position[ranges[-1][-1]] == position[key] - 1:
-            ranges[-1].append(key)
-        else:
-            ranges.append([key])
-    return ranges
-
-
-def partition_tags(keys: Sequence[str]) -> dict[str, str]:
-    """Run tags for one partition, or for a range of them (Dagster's single-run backfill tags)."""
-    if len(keys) == 1:
-        return {"dagster/partition": keys[0]}
-    return {"dagster/asset_partition_range_start": keys[0], "dagster/asset_partition_range_end": keys[-1]}
-
-
 def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
                    shop: str | None = None, extra_tags: dict[str, str] | None = None,
                    run_config: dict | None = None, force: bool = False) -> list[RunOutcome]:
@@ -184,6 +165,7 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     """
     from .definitions import nas_import_job_factory, nas_import_run_config
     from .nas.assets import nas_partitions
+    from .nas.ranges import contiguous_ranges, partition_tags
 
     warm_step_processes()
     fingerprints = scan_nas(partitions)

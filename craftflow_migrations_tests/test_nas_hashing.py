@@ -48,3 +48,16 @@ def test_batches_are_about_the_target_and_balanced():
     assert plan_batches(files([1] * 10), target_bytes=500 * MB, workers=4) == [files([1] * 10)]  # too small to split
     assert plan_batches([], 500 * MB) == []
     assert sum(len(b) for b in plan_batches(files([700, 10, 10]), 500 * MB, 2)) == 3
+
+
+def test_batches_share_each_file_type_evenly():
+    # 300 MB of JPEG listed before 300 MB of PNG: filling in listing order would put all the
+    # JPEGs (twice the decode work per MB) in one batch.
+    listing = [NasFile("s", "t", f"s/t/{i:02d}.jpg", 30 * MB, 0.0) for i in range(10)]
+    listing += [NasFile("s", "t", f"s/t/{i:02d}.png", 30 * MB, 0.0) for i in range(10, 20)]
+    batches = plan_batches(listing, target_bytes=500 * MB, workers=2)
+    assert len(batches) == 2
+    for batch in batches:
+        assert sum(f.size for f in batch) == 300 * MB
+        assert sum(f.path.endswith(".jpg") for f in batch) == 5
+        assert [f.path for f in batch] == sorted(f.path for f in batch)

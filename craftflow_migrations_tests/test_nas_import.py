@@ -204,8 +204,10 @@ def test_scan_sensor_adds_partitions_and_requests_only_changes(migrated_url, ins
     sensor = defs.get_sensor_def("nas_scan_sensor")
 
     result = sensor(dg.build_sensor_context(instance=instance, resources=resources))
-    assert sorted(r.partition_key for r in result.run_requests) == ["Shop A/T1", "Shop A/T2", "Shop B/T1"]
-    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == ["Shop A/T1", "Shop A/T2", "Shop B/T1"]
+    # The three new folders are neighbours: one run for the range.
+    [request] = result.run_requests
+    assert request.partition_key_range == dg.PartitionKeyRange("Shop A/T1", "Shop B/T1")
+    assert list(result.dynamic_partitions_requests[0].partition_keys) == ["Shop A/T1", "Shop A/T2", "Shop B/T1"]
     instance.add_dynamic_partitions(nas_partitions.name, list(result.dynamic_partitions_requests[0].partition_keys))
 
     again = sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor, resources=resources))
@@ -238,8 +240,8 @@ def test_startup_success_triggers_import_of_pending_partitions(database_url, ins
         sensor_name=sensor.name, dagster_instance=instance,
         dagster_run=instance.get_run_by_id(result.run_id), dagster_event=success.event_log_entry.dagster_event,
     )
-    requests = sensor(context)
-    assert sorted(r.partition_key for r in requests) == ["Shop A/T1", "Shop B/T1"]
+    [request] = sensor(context)
+    assert request.partition_key_range == dg.PartitionKeyRange("Shop A/T1", "Shop B/T1")
 
 
 def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
@@ -274,7 +276,7 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
 
 
 def test_partitions_to_import_are_cut_into_contiguous_ranges():
-    from craftflow_migrations.worker import contiguous_ranges, partition_tags
+    from craftflow_migrations.nas.ranges import contiguous_ranges, partition_tags
 
     order = ["A/1", "A/2", "B/1", "B/2", "C/1"]
     assert contiguous_ranges(["B/2", "A/1", "A/2", "C/1"], order) == [["A/1", "A/2"], ["B/2", "C/1"]]

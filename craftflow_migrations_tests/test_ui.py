@@ -180,3 +180,32 @@ def test_asset_backfill_of_one_shop_is_a_single_run(webserver, dagster_home):
             record = instance.fetch_materializations(
                 dg.AssetRecordsFilter(asset_key=dg.AssetKey("design_images"), asset_partitions=[key]), limit=1).records[0]
             assert record.asset_materialization.metadata["files_seen"].value == 2
+
+
+START_SENSOR = """
+mutation($selector: SensorSelector!) {
+  startSensor(sensorSelector: $selector) { __typename ... on PythonError { message } }
+}
+"""
+
+
+def test_scan_sensor_launches_one_run_for_a_range(webserver, dagster_home):
+    # dagster-daemon evaluates the scan sensor: the three folders are all new to its cursor and
+    # neighbours in the partition order, so it asks for one run over the range, which succeeds.
+    started = graphql(webserver, START_SENSOR, {"selector": {
+        "repositoryName": "__repository__", "repositoryLocationName": "craftflow_migrations",
+        "sensorName": "nas_scan_sensor"}})["startSensor"]
+    assert started["__typename"] == "Sensor", started
+    deadline = time.monotonic() + 240
+    with dg.DagsterInstance.get() as instance:
+        runs = []
+        while time.monotonic() < deadline:
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/sensor_name": "nas_scan_sensor"}))
+            if runs and all(r.is_finished for r in runs):
+                break
+            time.sleep(1)
+        assert len(runs) == 1, runs
+        assert runs[0].status == dg.DagsterRunStatus.SUCCESS
+        assert runs[0].tags["dagster/asset_partition_range_start"] == PARTITIONS[0]
+        assert runs[0].tags["dagster/asset_partition_range_end"] == PARTITIONS[-1]
+        assert instance.get_materialized_partitions(dg.AssetKey("design_images")) == set(PARTITIONS)

@@ -2,8 +2,11 @@
 
 The scan sensor keeps one fingerprint per partition in its cursor (a digest of every
 file's path, size and mtime), so a tick only requests runs for folders that are new or
-changed, never a full re-import.
+changed, never a full re-import. Both sensors request one run per contiguous range of
+such partitions (a single run when they are neighbours), as the worker does.
 """
+
+import hashlib
 
 import json
 
@@ -12,6 +15,7 @@ import dagster as dg
 from ..db import PostgresResource
 from .assets import pending_startup_migrations
 from .client import NasError
+from .ranges import range_run_requests
 from .resource import NasResource
 from .scan import fingerprint_partitions
 
@@ -42,12 +46,21 @@ def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
                 client.close()
         except NasError as exc:
             return dg.SkipReason(f"NAS not reachable: {exc}")
-        known = set(context.instance.get_dynamic_partitions(partitions.name))
-        new_keys = sorted(k for k in current if k not in known)
+        order = list(context.instance.get_dynamic_partitions(partitions.name))
+        new_keys = sorted(k for k in current if k not in set(order))
         changed = sorted(k for k, fp in current.items() if seen.get(k) != fp)
         context.log.info(f"{len(current)} partitions on the NAS, {len(new_keys)} new, {len(changed)} new or changed")
+
+        def run_key(group: list[str]) -> str:
+            # The same folders with the same contents: the same key, so a re-tick is not re-run.
+            if len(group) == 1:
+                return f"{group[0]}@{current[group[0]]}"
+            digest = hashlib.sha256("".join(f"{k}@{current[k]}\n" for k in group).encode()).hexdigest()[:16]
+            return f"{group[0]} .. {group[-1]}@{digest}"
+
         return dg.SensorResult(
-            run_requests=[dg.RunRequest(partition_key=k, run_key=f"{k}@{current[k]}") for k in changed],
+            # New keys are added in this order before the runs start, so ranges can span them.
+            run_requests=range_run_requests(changed, order + new_keys, run_key),
             dynamic_partitions_requests=[partitions.build_add_request(new_keys)] if new_keys else [],
             cursor=json.dumps(current, sort_keys=True),
         )
@@ -67,9 +80,10 @@ def build_import_after_startup_sensor(startup_job: dg.JobDefinition, job,
     )
     def import_after_startup(context: dg.RunStatusSensorContext):
         done = context.instance.get_materialized_partitions(DESIGN_IMAGES)
-        keys = [k for k in context.instance.get_dynamic_partitions(partitions.name) if k not in done]
+        order = list(context.instance.get_dynamic_partitions(partitions.name))
+        keys = [k for k in order if k not in done]
         if not keys:
             return dg.SkipReason("Every known partition is already imported")
-        return [dg.RunRequest(partition_key=k, run_key=f"{context.dagster_run.run_id}:{k}") for k in keys]
+        return range_run_requests(keys, order, lambda group: f"{context.dagster_run.run_id}:{group[0]}")
 
     return import_after_startup
