@@ -7,7 +7,6 @@ such partitions (a single run when they are neighbours), as the worker does.
 """
 
 import hashlib
-
 import json
 
 import dagster as dg
