@@ -137,15 +137,17 @@ def last_fingerprint(instance: dg.DagsterInstance, key: str) -> str | None:
     return getattr(value, "value", value)
 
 
-def warm_step_processes() -> None:
-    """Start the multiprocess executor's forkserver now (idempotent).
+def warm_step_processes(run_config: dict | None = None) -> None:
+    """Start the multiprocess executor's forkserver now, if the import's run will use it.
 
     Its imports take about a second; started early they overlap the NAS scan (or, in
     ``MIGRATION_MODE=all``, the whole startup job) instead of delaying the first step.
+    Idempotent: the executor reuses a running server.
     """
-    from .executors import executor_kind
+    from .definitions import nas_import_run_config
 
-    if executor_kind() == "multiprocess":
+    config = (run_config or nas_import_run_config()).get("execution", {}).get("config", {})
+    if "forkserver" in config.get("start_method", {}):
         from .preload import start_forkserver
 
         start_forkserver()
@@ -167,7 +169,7 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     from .nas.assets import nas_partitions
     from .nas.ranges import contiguous_ranges, partition_tags
 
-    warm_step_processes()
+    warm_step_processes(run_config)
     fingerprints = scan_nas(partitions)
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
