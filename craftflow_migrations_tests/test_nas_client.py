@@ -156,3 +156,27 @@ def test_reads_use_aes_gcm_and_the_servers_read_limit(tmp_path, sshd, monkeypatc
         assert client.read("S/T/big.bin") == payload  # the probed size, reused
     finally:
         client.close()
+
+
+def test_buffered_socket_serves_small_reads_from_one_large_read():
+    import socket
+
+    from craftflow_migrations.nas.client import BufferedSocket
+
+    a, b = socket.socketpair()
+    try:
+        payload = os.urandom(100_000)
+        a.sendall(payload)
+        sock = BufferedSocket(b)
+        got = sock.recv(4)
+        while len(got) < len(payload):
+            got += sock.recv(min(32_768, len(payload) - len(got)))
+        assert got == payload
+        a.sendall(b"xy")
+        assert sock.recv(1) == b"x" and sock.recv(10) == b"y"
+        sock.settimeout(0.05)
+        with pytest.raises(TimeoutError):
+            sock.recv(1)
+    finally:
+        a.close()
+        b.close()
