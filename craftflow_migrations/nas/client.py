@@ -3,7 +3,7 @@
 Listing uses one READDIR exchange per folder (``listdir_attr``), never a stat per file.
 Reads are pipelined (``prefetch``), which is what makes paramiko fast: a plain
 ``SFTPFile.read()`` waits for each 32 KB request in turn. The rest of the speed comes from
-spending less Python per byte: 128 KB read requests instead of 32 KB, chunks handed over
+spending less Python per byte: 255 KB read requests instead of 32 KB, chunks handed over
 whole instead of sliced 8 KB at a time, and AES-GCM (one AEAD pass) ahead of AES-CTR plus
 a separate HMAC when the server offers it.
 """
@@ -26,8 +26,9 @@ import paramiko
 # Large windows keep many requests in flight on a fast link; OpenSSH's sftp does the same.
 WINDOW_SIZE = 64 * 1024 * 1024
 MAX_PACKET_SIZE = 256 * 1024
-# Measured over loopback on 611 MB: 32 KB requests 122 MB/s, 128 KB 248 MB/s, 255 KB 170 MB/s.
-READ_REQUEST_SIZE = 128 * 1024
+# OpenSSH's largest read (sftp-server's SFTP_MAX_READ_LENGTH). Measured on 611 MB over
+# loopback, client + sshd CPU: 32 KB requests 4.8 s, 128 KB 2.2-2.8 s, 255 KB 2.1-2.5 s.
+READ_REQUEST_SIZE = 255 * 1024
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 
 
@@ -341,9 +342,7 @@ class SftpNasClient:
             if size == 0:
                 return b""
             head = b""
-            if self.read_request_size is None:
-                if size <= READ_REQUEST_SIZE:
-                    return fh.read()
+            if self.read_request_size is None and size > READ_REQUEST_SIZE:
                 head = self._probe_read_limit(fh)
             # Instance overrides of two class constants: requests of the probed size, and
             # read() taking each prefetched chunk whole (its 8 KB default slices every chunk,
