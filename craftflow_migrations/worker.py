@@ -16,7 +16,7 @@ import dagster as dg
 from sqlalchemy import text
 
 from .db import get_engine
-from .nas.client import NasError
+from .nas.client import NasError, split_partition_key
 from .resources import nas_from_env
 
 log = logging.getLogger("craftflow_migrations.worker")
@@ -174,7 +174,7 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
     if shop is not None:
-        keys = [k for k in keys if k.split("/", 1)[0] == shop]
+        keys = [k for k in keys if split_partition_key(k)[0] == shop]
     outcomes: dict[str, RunOutcome] = {}
     todo = []
     for key in keys:

@@ -46,7 +46,8 @@ def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
         except NasError as exc:
             return dg.SkipReason(f"NAS not reachable: {exc}")
         order = list(context.instance.get_dynamic_partitions(partitions.name))
-        new_keys = sorted(k for k in current if k not in set(order))
+        known = set(order)
+        new_keys = sorted(k for k in current if k not in known)
         changed = sorted(k for k, fp in current.items() if seen.get(k) != fp)
         context.log.info(f"{len(current)} partitions on the NAS, {len(new_keys)} new, {len(changed)} new or changed")
 
