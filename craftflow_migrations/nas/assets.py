@@ -131,9 +131,10 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: dict) -> dict:
                               pipelined=not batch["sequential"])
     finally:
         client.close()
+    total = result.total
     context.log.info(
-        f"{label} done: {result.imported} imported, {result.failed} failed, {result.skipped} already done, "
-        f"{result.bytes_read / MB:,.1f} MB at {result.mb_per_s:,.1f} MB/s"
+        f"{label} done: {total.imported} imported, {total.failed} failed, {total.skipped} already done, "
+        f"{total.bytes_read / MB:,.1f} MB at {result.mb_per_s:,.1f} MB/s"
     )
     return {key: asdict(counts) for key, counts in result.partitions.items()}
 

@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from sqlalchemy.engine import Engine
 
@@ -40,21 +40,21 @@ class Counts:
 class BatchResult:
     label: str
     files: int = 0
-    imported: int = 0
-    failed: int = 0
-    skipped: int = 0
-    bytes_read: int = 0
     seconds: float = 0.0
     partitions: dict[str, Counts] = field(default_factory=dict)
 
     @property
+    def total(self) -> Counts:
+        """The batch's counts: the sum over its partitions."""
+        return Counts(*(sum(getattr(c, f.name) for c in self.partitions.values()) for f in fields(Counts)))
+
+    @property
     def mb_per_s(self) -> float:
-        return self.bytes_read / MB / self.seconds if self.seconds > 0 else 0.0
+        return self.total.bytes_read / MB / self.seconds if self.seconds > 0 else 0.0
 
     def count(self, f: NasFile, **deltas: int) -> None:
         part = self.partitions.setdefault(partition_key(f.shop, f.template), Counts())
         for name, delta in deltas.items():
-            setattr(self, name, getattr(self, name) + delta)
             setattr(part, name, getattr(part, name) + delta)
 
 

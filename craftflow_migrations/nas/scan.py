@@ -20,10 +20,6 @@ class PartitionDiff:
     unchanged: list[NasFile] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
 
-    @property
-    def bytes_to_import(self) -> int:
-        return sum(f.size for f in self.to_import)
-
 
 def diff_partition(files: Sequence[NasFile], known: dict[str, KnownRow]) -> PartitionDiff:
     diff = PartitionDiff()
