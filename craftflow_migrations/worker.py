@@ -9,7 +9,7 @@ batches hashed in parallel by the multiprocess executor.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import dagster as dg
@@ -43,6 +43,11 @@ class RunOutcome:
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
+def _plain(metadata: Mapping) -> dict:
+    """Metadata values without their Dagster wrappers (``MetadataValue.value``)."""
+    return {k: getattr(v, "value", v) for k, v in metadata.items()}
+
+
 def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstance,
              tags: dict[str, str] | None = None, run_config: dict | None = None) -> RunOutcome:
     run_config = {**LOG_CONFIG, **(run_config or {})}
@@ -56,11 +61,10 @@ def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstan
                            data.user_failure_data.description else data.error.message.strip() if data.error else "")
                 outcome.failures.append(f"{event.step_key}: {message.splitlines()[0] if message else 'failed'}")
             elif event.is_successful_output:
-                meta = event.step_output_data.metadata
-                outcome.metadata[event.step_key] = {k: getattr(v, "value", v) for k, v in meta.items()}
+                outcome.metadata[event.step_key] = _plain(event.step_output_data.metadata)
             elif event.is_step_materialization:
                 mat = event.step_materialization_data.materialization
-                outcome.materializations[mat.partition] = {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+                outcome.materializations[mat.partition] = _plain(mat.metadata)
         started = {e.step_key for e in result.all_events if e.is_step_start}
         if not result.success:
             # Dagster abandons the dependents of a failed step without a step event.
@@ -133,8 +137,7 @@ def last_fingerprint(instance: dg.DagsterInstance, key: str) -> str | None:
     ).records
     if not records:
         return None
-    value = records[0].asset_materialization.metadata.get("listing_fingerprint")
-    return getattr(value, "value", value)
+    return _plain(records[0].asset_materialization.metadata).get("listing_fingerprint")
 
 
 def warm_step_processes(run_config: dict | None = None) -> None:
