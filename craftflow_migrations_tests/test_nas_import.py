@@ -275,6 +275,25 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
         assert len(instance.get_run_records()) == runs_before  # a re-deploy costs a listing, not runs
 
 
+def test_last_fingerprints_of_many_partitions_in_a_few_queries(instance):
+    from craftflow_migrations.worker import last_fingerprints
+
+    keys = [f"Shop {i // 10}/Template {i % 10}" for i in range(1500)]  # more than one chunk of ids
+    instance.add_dynamic_partitions(nas_partitions.name, keys)
+    for i, key in enumerate(keys[:1200]):
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            DESIGN_IMAGES, partition=key, metadata={"listing_fingerprint": f"old {i}"}))
+    # The latest materialization wins; one without a fingerprint (an older release) counts as none.
+    instance.report_runless_asset_event(dg.AssetMaterialization(
+        DESIGN_IMAGES, partition=keys[0], metadata={"listing_fingerprint": "new"}))
+    instance.report_runless_asset_event(dg.AssetMaterialization(DESIGN_IMAGES, partition=keys[1]))
+    found = last_fingerprints(instance, keys)
+    assert found[keys[0]] == "new" and keys[1] not in found
+    assert found[keys[1199]] == "old 1199" and keys[1200] not in found
+    assert len(found) == 1199
+    assert last_fingerprints(instance, keys[5:7]) == {keys[5]: "old 5", keys[6]: "old 6"}
+
+
 def test_partitions_to_import_are_cut_into_contiguous_ranges():
     from craftflow_migrations.nas.ranges import contiguous_ranges, partition_tags
 
