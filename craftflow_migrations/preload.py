@@ -12,6 +12,8 @@ import importlib
 import multiprocessing
 import os
 
+import scipy.fftpack  # noqa: F401  (imagehash.phash imports it on its first call: 0.2 CPU-s per step)
+
 import craftflow_migrations.definitions  # noqa: F401  (the code every step runs)
 from craftflow_migrations.executors import FORKSERVER_PRELOAD
 

@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from . import store
 from .client import NasClient, NasFile, partition_key
 from .hashing import ImageFacts, describe_image
+from .memory import keep_freed_memory
 
 MB = 1024 * 1024
 log = logging.getLogger("craftflow_migrations.nas")
@@ -110,6 +111,7 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], la
                  on_file: Callable[[NasFile], None] | None = None) -> BatchResult:
     """Fetch, hash and store ``files``. Bad files are recorded; an unreachable NAS raises."""
     logger = logger or log
+    keep_freed_memory()
     # Rows commit every few files: a killed run loses at most those, and resumes after them.
     flush_every = flush_every or int(os.environ.get("NAS_COMMIT_EVERY", "16") or 16)
     result = BatchResult(label)
