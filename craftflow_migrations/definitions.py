@@ -6,7 +6,7 @@ import dagster as dg
 
 from .duplicates.assets import design_duplicates, failed_share_under_limit, hashes_use_current_algorithm
 from .executors import build_executor, executor_run_config
-from .nas.assets import design_images, nas_partitions
+from .nas.assets import BATCH_STEP_TAG, design_images, nas_partitions
 from .nas.sensors import build_import_after_startup_sensor, build_nas_scan_sensor
 from .resources import build_resources
 from .schema.discovery import discover
@@ -24,8 +24,12 @@ complex_migrations_job = build_migration_job("complex", migration_plan, COMPLEX_
 def nas_import_run_config(max_concurrent: int | None = None) -> dict:
     """Default run config of the import; every value can be changed in the launchpad."""
     workers = max_concurrent or int(os.environ.get("NAS_MAX_CONCURRENT", "0") or 0) or (os.cpu_count() or 2)
+    # Batch steps are capped by their tag; max_concurrent has one slot more because the plan
+    # step's process holds its slot for about 0.1 s after the step succeeds, which held the
+    # second batch step back by as long.
+    key, value = BATCH_STEP_TAG
     return {
-        **executor_run_config(workers),
+        **executor_run_config(workers + 1, [{"key": key, "value": value, "limit": workers}]),
         "ops": {"design_images": {"ops": {"plan_nas_batches": {"config": {"parallel_batches": workers}}}}},
     }
 

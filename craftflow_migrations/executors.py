@@ -44,17 +44,16 @@ def build_executor() -> dg.ExecutorDefinition:
     return dg.multiprocess_executor
 
 
-def executor_run_config(max_concurrent: int) -> dict:
+def executor_run_config(max_concurrent: int, tag_limits: list[dict] | None = None) -> dict:
     """The executor part of the import's default run config."""
     if executor_kind() == "celery":
         return {}
-    return {
-        "execution": {
-            "config": {
-                "max_concurrent": max_concurrent,
-                # Steps fork from a server that has already imported the project,
-                # so a batch step starts in milliseconds instead of seconds.
-                "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}},
-            }
-        }
+    config: dict = {
+        "max_concurrent": max_concurrent,
+        # Steps fork from a server that has already imported the project,
+        # so a batch step starts in milliseconds instead of seconds.
+        "start_method": {"forkserver": {"preload_modules": FORKSERVER_PRELOAD}},
     }
+    if tag_limits:
+        config["tag_concurrency_limits"] = tag_limits
+    return {"execution": {"config": config}}

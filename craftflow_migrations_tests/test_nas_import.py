@@ -90,6 +90,15 @@ def test_multiprocess_import_over_sftp_then_incremental(migrated_url, instance, 
     assert "NasPassw0rdNeverLogged" not in str(instance.get_run_by_id(run_id).run_config)
     batch_steps = {e.step_key for e in events if e.is_step_success and "import_nas_batch" in e.step_key}
     assert len(batch_steps) >= 3
+    # The executor has a slot more than the 2 workers (for the plan step's exiting process);
+    # the batch steps' tag limit still keeps them to 2 at a time.
+    running = peak = 0
+    for record in instance.get_records_for_run(run_id).records:
+        event = record.event_log_entry.dagster_event
+        if event and event.step_key and "import_nas_batch" in event.step_key:
+            running += 1 if event.is_step_start else -1 if (event.is_step_success or event.is_step_failure) else 0
+            peak = max(peak, running)
+    assert 1 <= peak <= 2
     # steps really ran in separate processes
     assert len({e.pid for e in events if e.is_step_start}) >= 3
 

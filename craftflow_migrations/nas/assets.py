@@ -25,6 +25,8 @@ from .scan import scan_for_import
 
 nas_partitions = dg.DynamicPartitionsDefinition(name="nas_shop_templates")
 SFTP_POOL = "nas_sftp"
+# Caps parallel batch steps through the executor's tag_concurrency_limits (definitions.py).
+BATCH_STEP_TAG = ("craftflow/step", "nas-batch")
 
 
 class NasImportConfig(dg.Config):
@@ -115,7 +117,7 @@ def _batch_label(context: dg.OpExecutionContext, batch: dict) -> str:
     required_resource_keys={"postgres", "nas"},
     retry_policy=dg.RetryPolicy(max_retries=2, delay=2, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS),
     pool=SFTP_POOL,
-    tags={"kind": "nas"},
+    tags={"kind": "nas", BATCH_STEP_TAG[0]: BATCH_STEP_TAG[1]},
 )
 def import_nas_batch(context: dg.OpExecutionContext, batch: dict) -> dict:
     """Fetch and hash one batch; bad files are recorded, a lost connection retries the batch."""
