@@ -19,7 +19,7 @@ from ..settings import migrations_dir
 from . import store
 from .batching import MB, plan_batches
 from .client import NasError, NasFile, split_partition_key
-from .importer import import_batch
+from .importer import Counts, import_batch, sum_counts
 from .resource import NasResource
 from .scan import scan_for_import
 
@@ -156,15 +156,14 @@ def summarize_nas_import(context: dg.AssetExecutionContext, scan: dict, results:
         for shop in sorted({split_partition_key(k)[0] for k in scan["partitions"]}):
             store.link_shop(conn, shop)
         for key, seen in scan["partitions"].items():
-            counts = [r[key] for r in results if key in r]
-            total = {name: sum(c[name] for c in counts) for name in ("imported", "failed", "skipped", "bytes_read")}
+            total = sum_counts(Counts(**r[key]) for r in results if key in r)
             summaries[key] = {
                 "files_seen": seen["seen"],
-                "files_imported": total["imported"],
-                "files_unchanged": seen["unchanged"] + total["skipped"],
-                "files_failed": total["failed"],
+                "files_imported": total.imported,
+                "files_unchanged": seen["unchanged"] + total.skipped,
+                "files_failed": total.failed,
                 "files_removed": seen["removed"],
-                "mb_read": round(total["bytes_read"] / MB, 2),
+                "mb_read": round(total.bytes_read / MB, 2),
                 "exact_duplicates": store.exact_duplicate_count(conn, *split_partition_key(key)),
                 "listing_fingerprint": seen["fingerprint"],
                 # The run's figures: batches and time are shared by every partition of the run.

@@ -15,7 +15,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 
 from sqlalchemy.engine import Engine
@@ -37,6 +37,12 @@ class Counts:
     bytes_read: int = 0
 
 
+def sum_counts(counts: Iterable[Counts]) -> Counts:
+    """Field by field: one batch's partitions, or one partition's batches."""
+    counts = list(counts)
+    return Counts(*(sum(getattr(c, f.name) for c in counts) for f in fields(Counts)))
+
+
 @dataclass
 class BatchResult:
     label: str
@@ -47,7 +53,7 @@ class BatchResult:
     @property
     def total(self) -> Counts:
         """The batch's counts: the sum over its partitions."""
-        return Counts(*(sum(getattr(c, f.name) for c in self.partitions.values()) for f in fields(Counts)))
+        return sum_counts(self.partitions.values())
 
     @property
     def mb_per_s(self) -> float:
