@@ -63,7 +63,7 @@ def import_folder(url: str, base) -> None:
     for shop, template in client.list_partitions():
         import_batch(client, engine, client.list_files(shop, template))
         with engine.begin() as conn:
-            nas_store.link_shop(conn, shop)
+            nas_store.link_shops(conn, [shop])
 
 
 def rows_from_db(url: str) -> list[ImageRow]:

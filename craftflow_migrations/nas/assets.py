@@ -152,9 +152,10 @@ def summarize_nas_import(context: dg.AssetExecutionContext, scan: dict, results:
     seconds = max(time.time() - scan["started"], 1e-6)
     run_mb = sum(c["bytes_read"] for r in results for c in r.values()) / MB
     summaries = {}
+    parts = {key: split_partition_key(key) for key in scan["partitions"]}
     with postgres.engine.begin() as conn:
-        for shop in sorted({split_partition_key(k)[0] for k in scan["partitions"]}):
-            store.link_shop(conn, shop)
+        store.link_shops(conn, (shop for shop, _ in parts.values()))
+        duplicates = store.exact_duplicate_counts(conn, parts.values())
         for key, seen in scan["partitions"].items():
             total = sum_counts(Counts(**r[key]) for r in results if key in r)
             summaries[key] = {
@@ -164,7 +165,7 @@ def summarize_nas_import(context: dg.AssetExecutionContext, scan: dict, results:
                 "files_failed": total.failed,
                 "files_removed": seen["removed"],
                 "mb_read": round(total.bytes_read / MB, 2),
-                "exact_duplicates": store.exact_duplicate_count(conn, *split_partition_key(key)),
+                "exact_duplicates": duplicates[parts[key]],
                 "listing_fingerprint": seen["fingerprint"],
                 # The run's figures: batches and time are shared by every partition of the run.
                 "run_partitions": len(scan["partitions"]),

@@ -127,30 +127,48 @@ def mark_removed(conn: Connection, shop: str, template: str, paths: Iterable[str
     return conn.execute(stmt, {"shop": shop, "template": template, "paths": paths}).rowcount
 
 
-def link_shop(conn: Connection, shop: str) -> None:
-    """Point rows at the shops row of the same name, when exactly one shop has it."""
+def link_shops(conn: Connection, shops: Iterable[str]) -> None:
+    """Point rows at the shops row of the same name, when exactly one shop has it.
+
+    One statement for all of a run's shops: a backfill of thousands of folders must not
+    cost a round trip per shop.
+    """
     conn.execute(
         text(
             """
             UPDATE design_images d SET shop_id = s.id
-            FROM (SELECT min(id) AS id FROM shops WHERE name = :shop HAVING count(*) = 1) s
-            WHERE d.shop = :shop AND d.shop_id IS DISTINCT FROM s.id
+            FROM (SELECT name, min(id) AS id FROM shops WHERE name = ANY(:shops)
+                  GROUP BY name HAVING count(*) = 1) s
+            WHERE d.shop = s.name AND d.shop_id IS DISTINCT FROM s.id
             """
         ),
-        {"shop": shop},
+        {"shops": sorted(set(shops))},
     )
 
 
-def exact_duplicate_count(conn: Connection, shop: str, template: str) -> int:
-    """Files of this partition whose exact bytes exist elsewhere in design_images too."""
-    return conn.execute(
+def exact_duplicate_counts(conn: Connection, partitions: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
+    """Per (shop, template): files whose exact bytes exist elsewhere in design_images too.
+
+    One grouped query for every partition of a run; partitions without any count 0.
+    """
+    partitions = sorted(set(partitions))
+    if not partitions:
+        return {}
+    rows = conn.execute(
         text(
             """
-            SELECT count(*) FROM design_images d
-            WHERE d.shop = :shop AND d.template = :template AND d.status = 'ok'
+            SELECT d.shop, d.template, count(*) AS n
+            FROM design_images d
+            JOIN unnest(CAST(:shops AS text[]), CAST(:templates AS text[])) AS p(shop, template)
+              ON d.shop = p.shop AND d.template = p.template
+            WHERE d.status = 'ok'
               AND EXISTS (SELECT 1 FROM design_images o
                           WHERE o.sha256 = d.sha256 AND o.status = 'ok' AND o.id <> d.id)
+            GROUP BY d.shop, d.template
             """
         ),
-        {"shop": shop, "template": template},
-    ).scalar()
+        {"shops": [s for s, _ in partitions], "templates": [t for _, t in partitions]},
+    )
+    counts = dict.fromkeys(partitions, 0)
+    counts.update({(r.shop, r.template): r.n for r in rows})
+    return counts
