@@ -12,8 +12,8 @@ JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then print
   (e)     floors without Dagster: the same batches imported by plain processes, one per
           core, from local disk and over the same sshd (what Dagster itself costs is (a) - (e))
   (f)     what SFTP costs these cores: machine-wide CPU-s to fetch the corpus (paramiko, sshd,
-          kernel), the bound it sets with no orchestration at all, and how busy the cores were
-          during the warm import
+          kernel) with paramiko's share apart, the bound it sets with no orchestration at all,
+          and how busy the cores were during the warm import
 
     .venv/bin/python -m benchmarks.bench_nas_import [--min-mb 600]
 """
@@ -125,16 +125,17 @@ def machine_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
-def sftp_cpu_seconds(files: list[Path]) -> float:
-    """Machine-wide CPU-s to fetch every file over one connection: paramiko, sshd, kernel."""
+def sftp_cpu_seconds(files: list[Path]) -> tuple[float, float]:
+    """CPU-s to fetch every file over one connection: machine-wide (paramiko, sshd, kernel),
+    and this process's share (paramiko and its side of the kernel)."""
     from craftflow_migrations.resources import nas_from_env
 
     client = nas_from_env().open()
     try:
-        before = machine_busy_seconds()
+        before, own = machine_busy_seconds(), time.process_time()
         for path in files:
             client.read(str(path.relative_to(CORPUS)))
-        return machine_busy_seconds() - before
+        return machine_busy_seconds() - before, time.process_time() - own
     finally:
         client.close()
 
@@ -276,7 +277,7 @@ def main() -> None:
         floor_local_s = floor_without_dagster(url, sshd.env(CORPUS), cores, over_sftp=False)
         floor_sftp_s = floor_without_dagster(url, sshd.env(CORPUS), cores, over_sftp=True)
 
-        sftp_cpu = sftp_cpu_seconds(files)
+        sftp_cpu, client_cpu = sftp_cpu_seconds(files)
         cpu = ideal_cpu_seconds(files)
         ideal_s = cpu / cores
         baseline_s = None
@@ -299,7 +300,8 @@ def main() -> None:
         print(f"      over the same sshd                   {floor_sftp_s:8.1f} s   -> {floor_sftp_s / ideal_s:.2f}x the ideal"
               f" (SFTP on these cores: {floor_sftp_s - floor_local_s:+.1f} s; Dagster: {import_s - floor_sftp_s:+.1f} s)")
         bound_s = (cpu + sftp_cpu) / cores
-        print(f"  (f) fetching the corpus costs {sftp_cpu:.1f} CPU-s here (paramiko + sshd + kernel):")
+        print(f"  (f) fetching the corpus costs {sftp_cpu:.1f} CPU-s here (paramiko {client_cpu:.1f},"
+              f" sshd and the kernel {sftp_cpu - client_cpu:.1f}):")
         print(f"      hashing + fetching, perfectly packed  {bound_s:8.1f} s   -> {bound_s / ideal_s:.2f}x the ideal"
               " with no orchestration at all")
         print(f"      cores busy during the warm import     {warm_busy / warm_s:8.2f} of {cores}"
