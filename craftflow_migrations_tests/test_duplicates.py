@@ -60,10 +60,11 @@ def import_folder(url: str, base) -> None:
         conn.execute(text("INSERT INTO shops (tenant_id, name, platform) VALUES "
                           "(1, 'Shop A', 'etsy'), (1, 'Shop B', 'shopify'), (2, 'Other Tenant', 'etsy')"))
     client = LocalNasClient(base)
-    for shop, template in client.list_partitions():
+    partitions = client.list_partitions()
+    for shop, template in partitions:
         import_batch(client, engine, client.list_files(shop, template))
-        with engine.begin() as conn:
-            nas_store.link_shops(conn, [shop])
+    with engine.begin() as conn:
+        nas_store.link_shops(conn, (shop for shop, _ in partitions))
 
 
 def rows_from_db(url: str) -> list[ImageRow]:
