@@ -79,7 +79,7 @@ def ensure_corpus(min_mb: int) -> list[Path]:
 
 
 def bench_fetch(sshd, path: Path) -> None:
-    from craftflow_migrations.nas.client import SftpNasClient
+    from craftflow_migrations.nas.clients.sftp import SftpNasClient
 
     remote = str(path)
     size = path.stat().st_size / MB
@@ -97,7 +97,7 @@ def bench_fetch(sshd, path: Path) -> None:
 
     def ours() -> float:
         started = time.perf_counter()
-        assert len(client.read(path.name)) == path.stat().st_size
+        assert len(client.read(path.name.encode())) == path.stat().st_size
         return time.perf_counter() - started
 
     def plain_read() -> float:
@@ -128,13 +128,14 @@ def machine_busy_seconds() -> float:
 def sftp_cpu_seconds(files: list[Path]) -> tuple[float, float]:
     """CPU-s to fetch every file over one connection: machine-wide (paramiko, sshd, kernel),
     and this process's share (paramiko and its side of the kernel)."""
-    from craftflow_migrations.resources import nas_from_env
+    from craftflow_migrations.nas.clients import open_client
+    from craftflow_migrations.settings import get_settings
 
-    client = nas_from_env().open()
+    client = open_client(get_settings().nas)
     try:
         before, own = machine_busy_seconds(), time.process_time()
         for path in files:
-            client.read(str(path.relative_to(CORPUS)))
+            client.read(str(path.relative_to(CORPUS)).encode())
         return machine_busy_seconds() - before, time.process_time() - own
     finally:
         client.close()
@@ -165,15 +166,17 @@ def _import_plain(args: tuple) -> None:
     import logging
 
     from craftflow_migrations.db import get_engine
-    from craftflow_migrations.nas.client import LocalNasClient
+    from craftflow_migrations.nas import store
+    from craftflow_migrations.nas.clients import LocalNasClient, open_client
     from craftflow_migrations.nas.importer import import_batch
-    from craftflow_migrations.resources import nas_from_env
+    from craftflow_migrations.settings import get_settings
 
     url, env, files, over_sftp = args
     os.environ.update(env)
-    client = nas_from_env().open() if over_sftp else LocalNasClient(CORPUS)
+    client = open_client(get_settings().nas) if over_sftp else LocalNasClient(CORPUS)
     try:
-        import_batch(client, get_engine(url), files, "floor", logging.getLogger("floor"))
+        import_batch(client, get_engine(url), files, store.EPOCH, get_settings().nas, "floor",
+                     logging.getLogger("floor"))
     finally:
         client.close()
 
@@ -185,10 +188,11 @@ def floor_without_dagster(url: str, env: dict, cores: int, over_sftp: bool) -> f
 
     from craftflow_migrations.db import get_engine
     from craftflow_migrations.nas.batching import plan_batches
-    from craftflow_migrations.nas.client import LocalNasClient
+    from craftflow_migrations.nas.clients import LocalNasClient
+    from craftflow_migrations.nas.listing import list_nas
 
-    local = LocalNasClient(CORPUS)
-    files = [f for shop, template in local.list_partitions() for f in local.list_files(shop, template)]
+    with LocalNasClient(CORPUS) as local:
+        files = [f for listing in list_nas(local)[0].values() for f in listing.files]
     batches = plan_batches(files, 500 * MB, cores)
     with get_engine(url).begin() as conn:
         conn.exec_driver_sql("DELETE FROM design_images")

@@ -4,15 +4,16 @@ Broker and result backend come from CELERY_BROKER_URL and CELERY_BACKEND_URL, th
 variables the executor reads, so workers and runs always talk to the same queue.
 """
 
-import os
-
 from dagster_celery.make_app import make_app
 from dagster_celery.tasks import create_execute_job_task, create_resume_job_task, create_task
 
+from .settings import get_settings
+
+_settings = get_settings()
 app = make_app(
     {
-        "broker": os.environ.get("CELERY_BROKER_URL", "redis://127.0.0.1:6379/0"),
-        "backend": os.environ.get("CELERY_BACKEND_URL", "redis://127.0.0.1:6379/1"),
+        "broker": _settings.celery_broker_url.get_secret_value(),
+        "backend": _settings.celery_backend_url.get_secret_value(),
     }
 )
 app.conf.task_default_queue = "dagster"

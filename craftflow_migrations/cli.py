@@ -10,10 +10,12 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 import uuid
 
 from . import settings
-from .db import DatabaseConnectionError, check_connection, get_engine, redact
+from .db import DatabaseConnectionError, check_connection, error_line, get_engine, redact
+from .nas.clients.base import NasError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
 
@@ -23,7 +25,7 @@ def _out(line: str = "") -> None:
 
 
 def _database_url() -> str:
-    url = settings.database_url()
+    url = settings.get_settings().require_database_url()
     check_connection(url)
     return url
 
@@ -42,7 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import worker
     from .instance import get_instance
 
-    mode = args.mode or settings.migration_mode()
+    mode = args.mode or settings.get_settings().mode
     url = _database_url()
     instance = get_instance()
     _out(f"craftflow-migrate: MIGRATION_MODE={mode}, Dagster instance {instance.root_directory}")
@@ -178,7 +180,7 @@ def cmd_downgrade(args: argparse.Namespace) -> int:
 
     url = _database_url()
     try:
-        undone = runner.downgrade_to(get_engine(url), _plan(), args.to, settings.MigrationSettings.from_env())
+        undone = runner.downgrade_to(get_engine(url), _plan(), args.to, settings.get_settings().migrations)
     except runner.MigrationError as exc:
         _out(f"❌ {redact(str(exc), url)}")
         return EXIT_FAILED
@@ -202,29 +204,35 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """MIGRATION_MODE=all on an embedded default: no server to install, a generated sample NAS."""
-    import os
     from pathlib import Path
 
+    from .db import safe_url
     from .instance import ensure_dagster_home
     from .sample_nas import write_sample_nas
 
     workdir = Path(args.dir).resolve()
-    if not os.environ.get("DATABASE_URL", "").strip():
+    supplied = settings.get_settings().database_url
+    if supplied is None:
         from .embedded import embedded_database_url
 
-        os.environ["DATABASE_URL"] = embedded_database_url(workdir / "pgdata")
+        settings.set_database_url(embedded_database_url(workdir / "pgdata"))
         _out(f"Embedded PostgreSQL running with its data in {workdir / 'pgdata'}")
-    for name in [n for n in os.environ if n.startswith("QNAP_")]:
-        del os.environ[name]
-    os.environ["NAS_BASE_PATH"] = str(write_sample_nas(workdir / "sample_nas"))
-    os.environ.setdefault("DAGSTER_HOME", str(workdir / "dagster_home"))
-    ensure_dagster_home()
-    _out(f"Sample NAS folder: {os.environ['NAS_BASE_PATH']}")
+    settings.clear_nas_host()
+    sample = write_sample_nas(workdir / "sample_nas")
+    settings.set_nas_base_path(sample)
+    if not settings.get_settings().dagster_home:
+        settings.set_dagster_home(workdir / "dagster_home")
+    home = ensure_dagster_home()
+    _out(f"Sample NAS folder: {sample}")
     code = cmd_run(argparse.Namespace(mode="all"))
+    url = settings.get_settings().require_database_url()
+    # A URL the user supplied is theirs: its password is shown masked. The embedded server's
+    # URL holds no password.
+    shown_url = safe_url(url) if supplied is not None else url
     _out("")
     _out("Open the Dagster UI on the same data:")
-    _out(f"  DAGSTER_HOME='{os.environ['DAGSTER_HOME']}' DATABASE_URL='{os.environ['DATABASE_URL']}' \\")
-    _out(f"  NAS_BASE_PATH='{os.environ['NAS_BASE_PATH']}' .venv/bin/dagster dev -h 127.0.0.1 -p 3000")
+    _out(f"  DAGSTER_HOME='{home}' DATABASE_URL='{shown_url}' \\")
+    _out(f"  NAS_BASE_PATH='{sample}' .venv/bin/dagster dev -h 127.0.0.1 -p 3000")
     return code
 
 
@@ -287,10 +295,22 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         args = build_parser().parse_args(["run", *(argv or [])])
     try:
+        settings.get_settings()  # every variable, checked before anything runs
+        settings.set_process_defaults()
         return args.func(args)
     except (settings.ConfigError, DatabaseConnectionError) as exc:
-        _out(f"❌ {exc}")
+        _out(f"❌ {redact(str(exc))}")
         return EXIT_CONFIG
+    except NasError as exc:
+        _out(f"❌ {redact(str(exc))}")
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        _out("❌ Interrupted")
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - the last line an operator reads is always one clear line
+        traceback.print_exc(file=sys.stderr)
+        _out(f"❌ craftflow-migrate failed: {redact(error_line(exc))} (details above on stderr)")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

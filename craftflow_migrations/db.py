@@ -1,8 +1,7 @@
 """Database engines and the Dagster resource that hands them out.
 
-The URL comes from the environment through ``EnvVar`` so its password never lands in
-run config or the event log; every message that could carry it goes through
-:func:`redact`.
+The URL reaches steps through ``EnvVar`` so its password never lands in run config or the
+event log; every message that could carry it goes through :func:`redact`.
 """
 
 from __future__ import annotations
@@ -16,42 +15,49 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from .settings import ConfigError, check_database_url, get_settings, url_passwords
+
 
 class DatabaseConnectionError(RuntimeError):
     """The database cannot be reached; the message never holds the password."""
 
 
-def redact(message: str, url: str | None) -> str:
-    """Remove the URL's password (and the URL itself) from a message."""
-    if not url:
-        return message
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return message.replace(url, "<DATABASE_URL>")
-    message = message.replace(url, parsed.render_as_string(hide_password=True))
-    if parsed.password:
-        message = message.replace(str(parsed.password), "***")
+def redact(message: str, url: str | None = None) -> str:
+    """Remove the URL and its password (raw or percent-decoded) from a message.
+
+    Every secret of the settings is removed too, so a caller that forgets to pass the URL
+    still cannot leak one.
+    """
+    secrets = set(get_settings().secrets())
+    if url:
+        secrets.add(url)
+        secrets.update(url_passwords(url))
+    for secret in sorted(secrets, key=len, reverse=True):
+        if secret.startswith(("postgres", "redis", "amqp")) and "://" in secret:
+            message = message.replace(secret, safe_url(secret))
+        else:
+            message = message.replace(secret, "***")
     return message
 
 
 def safe_url(url: str) -> str:
+    """``user:***@host``; never any part of a password, even of a malformed URL."""
     try:
+        check_database_url(url)
         return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<unparseable DATABASE_URL>"
+    except (ConfigError, ArgumentError, ValueError):
+        return "<malformed DATABASE_URL>"
 
 
 @functools.lru_cache(maxsize=8)
 def get_engine(url: str) -> Engine:
     """One pooled engine per URL per process; ops and sensors share it."""
     try:
+        check_database_url(url)
         parsed = make_url(url)
     except ArgumentError:
-        raise DatabaseConnectionError(
-            "Database connection failed: DATABASE_URL is not a valid URL "
-            "(expected postgresql://user:password@host:5432/dbname)"
-        ) from None
+        raise ConfigError("DATABASE_URL is not a valid URL: expected postgresql://user:password@host:5432/dbname") \
+            from None
     if parsed.drivername in ("postgres", "postgresql"):
         # Railway and Heroku hand out postgres:// URLs; psycopg2 is the driver we ship.
         parsed = parsed.set(drivername="postgresql+psycopg2")
@@ -60,8 +66,19 @@ def get_engine(url: str) -> Engine:
         pool_pre_ping=True,
         pool_size=5,
         max_overflow=5,
+        # hide_parameters: a failed statement's values (file names, tokens) stay out of messages.
+        hide_parameters=True,
         connect_args={"connect_timeout": 10, "application_name": "craftflow_migrations"},
     )
+
+
+def error_line(exc: BaseException) -> str:
+    """The first line of a database (or any) error, without its SQL or parameters."""
+    orig = getattr(exc, "orig", None)
+    if orig is not None:
+        return str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+    text_ = f"{type(exc).__name__}: {exc}".strip()
+    return text_.splitlines()[0]
 
 
 def check_connection(url: str) -> None:
@@ -70,9 +87,8 @@ def check_connection(url: str) -> None:
         with get_engine(url).connect() as conn:
             conn.execute(text("SELECT 1"))
     except SQLAlchemyError as exc:
-        detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         raise DatabaseConnectionError(
-            redact(f"Database connection failed: {detail} ({safe_url(url)})", url)
+            redact(f"Database connection failed: {error_line(exc)} ({safe_url(url)})", url)
         ) from None
 
 

@@ -1,19 +1,17 @@
 """The one ``Definitions`` of the code location: jobs, assets, sensors, schedules, resources."""
 
-import os
-
 import dagster as dg
 
 from .duplicates.assets import design_duplicates, failed_share_under_limit, hashes_use_current_algorithm
 from .executors import build_executor, executor_run_config
 from .nas.assets import BATCH_STEP_TAG, design_images, nas_partitions
+from .nas.partitions import NAS_IMPORT_JOB
 from .nas.sensors import build_import_after_startup_sensor, build_nas_scan_sensor
 from .resources import build_resources
 from .schema.discovery import discover
 from .schema.jobs import COMPLEX_JOB, STARTUP_JOB, build_migration_job
-from .settings import migrations_dir
+from .settings import get_settings, migrations_dir
 
-NAS_IMPORT_JOB = "nas_import"
 DUPLICATES_JOB = "duplicates"
 
 migration_plan = discover(migrations_dir())
@@ -23,7 +21,7 @@ complex_migrations_job = build_migration_job("complex", migration_plan, COMPLEX_
 
 def nas_import_run_config(max_concurrent: int | None = None) -> dict:
     """Default run config of the import; every value can be changed in the launchpad."""
-    workers = max_concurrent or int(os.environ.get("NAS_MAX_CONCURRENT", "0") or 0) or (os.cpu_count() or 2)
+    workers = max_concurrent or get_settings().nas.max_concurrent
     # Batch steps are capped by their tag; max_concurrent has one slot more because the plan
     # step's process holds its slot for about 0.1 s after the step succeeds, which held the
     # second batch step back by as long.

@@ -11,22 +11,16 @@
 
 from __future__ import annotations
 
-import os
-
 import dagster as dg
 
-from .settings import ConfigError
+from .settings import get_settings
 
-EXECUTORS = ("multiprocess", "celery")
 # Imported once by the forkserver: the project, and the storage layer each step opens.
 FORKSERVER_PRELOAD = ["craftflow_migrations.preload"]
 
 
 def executor_kind() -> str:
-    kind = os.environ.get("CRAFTFLOW_EXECUTOR", "multiprocess").strip() or "multiprocess"
-    if kind not in EXECUTORS:
-        raise ConfigError(f"CRAFTFLOW_EXECUTOR={kind!r} is not one of: {', '.join(EXECUTORS)}")
-    return kind
+    return get_settings().executor
 
 
 def build_executor() -> dg.ExecutorDefinition:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import fcntl
-import os
 from pathlib import Path
 
 import dagster as dg
+
+from .settings import get_settings, set_dagster_home
 
 LOCAL_HOME = Path.home() / ".craftflow_migrations" / "dagster_home"
 # A local instance needs no server: SQLite storage under DAGSTER_HOME, plus the SFTP pool.
@@ -29,13 +30,13 @@ run_retries:
 
 def ensure_dagster_home() -> Path:
     """DAGSTER_HOME, or a local default created on first use."""
-    home = os.environ.get("DAGSTER_HOME", "").strip()
+    home = get_settings().dagster_home
     path = Path(home) if home else LOCAL_HOME
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     if not config.exists():
         config.write_text(LOCAL_DAGSTER_YAML)
-    os.environ["DAGSTER_HOME"] = str(path)
+    set_dagster_home(path)
     return path
 
 

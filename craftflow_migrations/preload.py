@@ -16,6 +16,7 @@ import scipy.fftpack  # noqa: F401  (imagehash.phash imports it on its first cal
 
 import craftflow_migrations.definitions  # noqa: F401  (the code every step runs)
 from craftflow_migrations.executors import FORKSERVER_PRELOAD
+from craftflow_migrations.settings import get_settings
 
 
 def _storage_modules() -> set[str]:
@@ -24,7 +25,7 @@ def _storage_modules() -> set[str]:
 
     modules = {"dagster._core.storage.event_log", "dagster._core.storage.runs",
                "dagster._core.storage.schedules", "dagster._core.storage.legacy_storage"}
-    home = os.environ.get("DAGSTER_HOME")
+    home = get_settings().dagster_home
     if home and os.path.isdir(home):
         try:
             ref = InstanceRef.from_dir(home)

@@ -16,8 +16,8 @@ import dagster as dg
 from sqlalchemy import text
 
 from .db import get_engine
-from .nas.client import NasError, split_partition_key
-from .resources import nas_from_env
+from .nas.clients import NasError
+from .settings import get_settings
 
 log = logging.getLogger("craftflow_migrations.worker")
 
@@ -109,17 +109,16 @@ class NasNotConfigured(RuntimeError):
 
 def scan_nas(keys: Sequence[str] | None = None) -> dict[str, str]:
     """Listing fingerprint of every partition on the NAS (or of ``keys``), over one connection."""
-    from .nas.scan import fingerprint_partitions
+    from .nas.clients import open_client
+    from .nas.listing import list_nas
 
-    nas = nas_from_env()
+    nas = get_settings().nas
     missing = nas.missing()
     if missing:
         raise NasNotConfigured(f"set {', '.join(missing)}")
-    client = nas.open()
-    try:
-        return fingerprint_partitions(client, log, keys)
-    finally:
-        client.close()
+    with open_client(nas) as client:
+        listings, _ = list_nas(client, keys, log)
+    return {key: listing.fingerprint for key, listing in listings.items()}
 
 
 def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:
@@ -131,27 +130,15 @@ def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> No
         instance.add_dynamic_partitions(nas_partitions.name, new)
 
 
-def last_fingerprints(instance: dg.DagsterInstance, keys: Sequence[str]) -> dict[str, str]:
-    """Listing fingerprint of each partition's latest materialization (absent: never imported).
+def follow_configured_concurrency(instance: dg.DagsterInstance) -> None:
+    """The ``nas_sftp`` pool's limit is NAS_MAX_CONCURRENT: one setting for SFTP connections.
 
-    Two queries whatever the number of folders (a query per partition took minutes at tens
-    of thousands): the latest materialization's storage id per partition, then those records.
+    Left at the instance's default, the pool held batch steps to its ``default_limit``
+    whatever NAS_MAX_CONCURRENT said.
     """
-    asset = dg.AssetKey("design_images")
-    latest = instance.get_latest_storage_id_by_partition(asset, dg.DagsterEventType.ASSET_MATERIALIZATION,
-                                                         set(keys))
-    ids = sorted(latest.values())
-    out: dict[str, str] = {}
-    for start in range(0, len(ids), 1000):  # SQLite caps the variables of one statement
-        chunk = ids[start:start + 1000]
-        records = instance.fetch_materializations(dg.AssetRecordsFilter(asset, storage_ids=chunk),
-                                                  limit=len(chunk)).records
-        for record in records:
-            mat = record.asset_materialization
-            fingerprint = _plain(mat.metadata).get("listing_fingerprint")
-            if mat.partition is not None and fingerprint:
-                out[mat.partition] = fingerprint
-    return out
+    from .nas.assets import SFTP_POOL
+
+    instance.event_log_storage.set_concurrency_slots(SFTP_POOL, get_settings().nas.max_concurrent)
 
 
 def warm_step_processes(run_config: dict | None = None) -> None:
@@ -184,25 +171,22 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     """
     from .definitions import nas_import_job_factory, nas_import_run_config
     from .nas.assets import nas_partitions
+    from .nas.names import split_partition_key
+    from .nas.partitions import partitions_to_import
     from .nas.ranges import contiguous_ranges, partition_tags
 
     warm_step_processes(run_config)
     fingerprints = scan_nas(partitions)
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
+    follow_configured_concurrency(instance)
     if shop is not None:
         keys = [k for k in keys if split_partition_key(k)[0] == shop]
-    outcomes: dict[str, RunOutcome] = {}
-    todo = []
-    previous = {} if force else last_fingerprints(instance, keys)
-    for key in keys:
-        if previous.get(key) == fingerprints[key]:
-            outcomes[key] = RunOutcome("nas_import", "-", True, partition=key, unchanged=True)
-        else:
-            todo.append(key)
-
     order = instance.get_dynamic_partitions(nas_partitions.name)
-    for group in contiguous_ranges(todo, order):
+    todo = set(partitions_to_import(instance, {k: fingerprints[k] for k in keys}, order, force=force))
+    outcomes: dict[str, RunOutcome] = {
+        key: RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in keys if key not in todo}
+    for group in contiguous_ranges(sorted(todo), order):
         tags = {**partition_tags(group), **(extra_tags or {})}
         run = _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())
         for key in group:

@@ -208,3 +208,25 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
     files["empty"].write_bytes(b"")
     files["text"].write_text("this is not an image\n")
     return files
+
+
+def import_local_folder(url: str, base: Path, keys: list[str] | None = None, **kwargs) -> dict:
+    """List and import a local folder without Dagster: the plain-Python path of the asset."""
+    from craftflow_migrations.db import get_engine
+    from craftflow_migrations.nas import store
+    from craftflow_migrations.nas.changes import scan_for_import
+    from craftflow_migrations.nas.clients import LocalNasClient
+    from craftflow_migrations.nas.importer import import_batch
+    from craftflow_migrations.nas.listing import list_nas
+    from craftflow_migrations.settings import NasSettings
+
+    engine = get_engine(url)
+    settings = kwargs.pop("settings", NasSettings())
+    with engine.connect() as conn:
+        listed_at = store.db_now(conn)
+    with LocalNasClient(base) as client:
+        listings, _ = list_nas(client, keys)
+        scans = scan_for_import(listings, engine, listed_at, settings.max_file_mb * 2**20)
+        files = [f for s in scans for f in s.to_import]
+        result = import_batch(client, engine, files, listed_at, settings, **kwargs)
+    return {"scans": {s.key: s for s in scans}, "result": result, "listings": listings}

@@ -20,13 +20,11 @@ from craftflow_migrations.duplicates.assets import (
 from craftflow_migrations.duplicates.grouping import ImageRow, choose_keep, find_groups
 from craftflow_migrations.nas import store as nas_store
 from craftflow_migrations.nas.assets import design_images
-from craftflow_migrations.nas.client import LocalNasClient
-from craftflow_migrations.nas.importer import import_batch
 from craftflow_migrations.nas.resource import NasResource
 from craftflow_migrations.sample_nas import near_copies
 
 from .conftest import cli_env
-from .support import photo_like, write_bad_files
+from .support import import_local_folder, photo_like, write_bad_files
 from .test_ui import rendered_dom
 
 T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
@@ -59,12 +57,9 @@ def import_folder(url: str, base) -> None:
         conn.execute(text("INSERT INTO tenants (id, name, slug) VALUES (1, 'Acme', 'acme'), (2, 'Other', 'other')"))
         conn.execute(text("INSERT INTO shops (tenant_id, name, platform) VALUES "
                           "(1, 'Shop A', 'etsy'), (1, 'Shop B', 'shopify'), (2, 'Other Tenant', 'etsy')"))
-    client = LocalNasClient(base)
-    partitions = client.list_partitions()
-    for shop, template in partitions:
-        import_batch(client, engine, client.list_files(shop, template))
+    done = import_local_folder(url, base)
     with engine.begin() as conn:
-        nas_store.link_shops(conn, (shop for shop, _ in partitions))
+        nas_store.link_shops(conn, (li.folder.shop for li in done["listings"].values()))
 
 
 def rows_from_db(url: str) -> list[ImageRow]:
@@ -130,17 +125,17 @@ def test_keep_rule():
     assert keep is old and reason.startswith("same resolution and kind of format; oldest")
 
 
-def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_path):
+def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_path, clean_nas_env):
+    clean_nas_env.setenv("NAS_BASE_PATH", str(nas_folder))
     import_folder(migrated_url, nas_folder)
     write_bad_files(nas_folder / "Shop A" / "Broken")
-    client = LocalNasClient(nas_folder)
-    import_batch(client, get_engine(migrated_url), client.list_files("Shop A", "Broken"))
+    import_local_folder(migrated_url, nas_folder, ["Shop A/Broken"])
     report_dir = tmp_path / "report"
     result = dg.materialize(
         [design_images, design_duplicates, hashes_use_current_algorithm, failed_share_under_limit],
         selection=dg.AssetSelection.assets(design_duplicates) | dg.AssetSelection.checks_for_assets(design_images),
         instance=instance,
-        resources={"postgres": PostgresResource(database_url=migrated_url), "nas": NasResource(base_path=str(nas_folder))},
+        resources={"postgres": PostgresResource(database_url=migrated_url), "nas": NasResource()},
         run_config={"ops": {"design_duplicates": {"config": {"report_dir": str(report_dir)}}}},
     )
     assert result.success

@@ -6,7 +6,9 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from craftflow_migrations.nas.client import HostKeyError, LocalNasClient, NasError, SftpNasClient, fingerprint
+from craftflow_migrations.nas.clients import HostKeyError, LocalNasClient, NasError
+from craftflow_migrations.nas.clients.sftp import SftpNasClient, fingerprint
+from craftflow_migrations.nas.listing import list_nas
 
 from .support import noise_image
 
@@ -43,18 +45,25 @@ def open_sftp(sshd, base, **overrides):
     return SftpNasClient(**kwargs)
 
 
+def open_client(backend, sshd, base):
+    return open_sftp(sshd, base) if backend == "sftp" else LocalNasClient(base)
+
+
 @pytest.mark.parametrize("backend", ["sftp", "local"])
-def test_listing_ignores_hidden_and_escaping_symlinks(backend, nas_tree, sshd):
-    client = open_sftp(sshd, nas_tree) if backend == "sftp" else LocalNasClient(nas_tree)
-    try:
-        assert client.list_partitions() == [("Plain Shop", "T1"), (ODD_SHOP, ODD_TEMPLATE)]
-        files = client.list_files(ODD_SHOP, ODD_TEMPLATE)
+def test_listing_ignores_hidden_entries_and_never_follows_links(backend, nas_tree, sshd):
+    with open_client(backend, sshd, nas_tree) as client:
+        listings, problems = list_nas(client)
+        assert list(listings) == ["Plain Shop/T1", f"{ODD_SHOP}/{ODD_TEMPLATE}"]
+        listing = listings[f"{ODD_SHOP}/{ODD_TEMPLATE}"]
         prefix = f"{ODD_SHOP}/{ODD_TEMPLATE}/"
-        assert [f.path for f in files] == [prefix + "a design.png", prefix + "alias.png", prefix + "sub folder/b.png"]
-        assert client.read(files[0].path) == (nas_tree / files[0].path).read_bytes()
-        assert files[0].size == (nas_tree / files[0].path).stat().st_size
-    finally:
-        client.close()
+        # alias.png points at a design.png, which is imported under its own path: once.
+        assert [f.path for f in listing.files] == [prefix + "a design.png", prefix + "sub folder/b.png"]
+        reasons = {p.path.removeprefix(prefix): p.reason for p in listing.problems}
+        assert "outside NAS_BASE_PATH" in reasons["escape"] and "outside NAS_BASE_PATH" in reasons["escape.png"]
+        assert "imported under its own path" in reasons["alias.png"]
+        first = listing.files[0]
+        assert client.read(first.rel) == (nas_tree / first.path).read_bytes()
+        assert first.size == (nas_tree / first.path).stat().st_size
 
 
 def test_listing_a_large_folder_takes_few_round_trips(tmp_path, sshd):
@@ -65,7 +74,7 @@ def test_listing_a_large_folder_takes_few_round_trips(tmp_path, sshd):
     client = open_sftp(sshd, tmp_path / "G")
     try:
         before = client.sftp.request_number
-        files = client.list_files("Shop", "Big")
+        files = list_nas(client, ["Shop/Big"])[0]["Shop/Big"].files
         requests = client.sftp.request_number - before
     finally:
         client.close()
@@ -125,8 +134,8 @@ def test_password_login(sshd):
         client = SftpNasClient("127.0.0.1", sshd.port, sshd.password_user, str(base), password=sshd.password,
                                known_hosts=str(sshd.known_hosts))
         try:
-            assert client.list_partitions() == [("Shop", "T1")]
-            assert client.read("Shop/T1/x.png") == (base / "Shop" / "T1" / "x.png").read_bytes()
+            assert list(list_nas(client)[0]) == ["Shop/T1"]
+            assert client.read(b"Shop/T1/x.png") == (base / "Shop" / "T1" / "x.png").read_bytes()
         finally:
             client.close()
     finally:
@@ -137,7 +146,7 @@ def test_password_login(sshd):
 
 
 def test_reads_use_aes_gcm_and_the_servers_read_limit(tmp_path, sshd, monkeypatch):
-    from craftflow_migrations.nas import client as nas_client
+    from craftflow_migrations.nas.clients import sftp as nas_client
 
     base = tmp_path / "G"
     (base / "S" / "T").mkdir(parents=True)
@@ -150,10 +159,10 @@ def test_reads_use_aes_gcm_and_the_servers_read_limit(tmp_path, sshd, monkeypatc
     client = open_sftp(sshd, base)
     try:
         assert client.transport.remote_cipher.endswith("-gcm@openssh.com")
-        assert client.read("S/T/small.bin") == payload[:1000]
-        assert client.read("S/T/big.bin") == payload
+        assert client.read(b"S/T/small.bin") == payload[:1000]
+        assert client.read(b"S/T/big.bin") == payload
         assert 4096 <= client.read_request_size < 1024 * 1024
-        assert client.read("S/T/big.bin") == payload  # the probed size, reused
+        assert client.read(b"S/T/big.bin") == payload  # the probed size, reused
     finally:
         client.close()
 
@@ -161,7 +170,7 @@ def test_reads_use_aes_gcm_and_the_servers_read_limit(tmp_path, sshd, monkeypatc
 def test_buffered_socket_serves_small_reads_from_one_large_read():
     import socket
 
-    from craftflow_migrations.nas.client import BufferedSocket
+    from craftflow_migrations.nas.clients.sftp import BufferedSocket
 
     a, b = socket.socketpair()
     try:

@@ -4,8 +4,8 @@ import imagehash
 from PIL import Image
 
 from craftflow_migrations.nas.batching import MB, plan_batches
-from craftflow_migrations.nas.client import NasFile
 from craftflow_migrations.nas.hashing import describe_image
+from craftflow_migrations.nas.listing import NasFile
 
 from .support import noise_image, photo_like, write_bad_files
 
@@ -37,7 +37,7 @@ def test_bad_files_are_described(tmp_path):
 
 
 def files(sizes_mb):
-    return [NasFile("s", "t", f"s/t/{i}", int(mb * MB), 0.0) for i, mb in enumerate(sizes_mb)]
+    return [NasFile("s", "t", f"s/t/{i}", int(mb * MB), 0) for i, mb in enumerate(sizes_mb)]
 
 
 def test_batches_are_about_the_target_and_balanced():
@@ -53,8 +53,8 @@ def test_batches_are_about_the_target_and_balanced():
 def test_batches_share_each_file_type_evenly():
     # 300 MB of JPEG listed before 300 MB of PNG: filling in listing order would put all the
     # JPEGs (twice the decode work per MB) in one batch.
-    listing = [NasFile("s", "t", f"s/t/{i:02d}.jpg", 30 * MB, 0.0) for i in range(10)]
-    listing += [NasFile("s", "t", f"s/t/{i:02d}.png", 30 * MB, 0.0) for i in range(10, 20)]
+    listing = [NasFile("s", "t", f"s/t/{i:02d}.jpg", 30 * MB, 0) for i in range(10)]
+    listing += [NasFile("s", "t", f"s/t/{i:02d}.png", 30 * MB, 0) for i in range(10, 20)]
     batches = plan_batches(listing, target_bytes=500 * MB, workers=2)
     assert len(batches) == 2
     for batch in batches:

@@ -204,34 +204,63 @@ def test_killed_import_resumes_without_loss_or_duplicates(migrated_url, dagster_
     assert f"files_imported={60 - committed}, files_unchanged={committed}" in second.stdout
 
 
-def test_scan_sensor_adds_partitions_and_requests_only_changes(migrated_url, instance, tmp_path):
+def _current_fingerprints(base) -> dict[str, str]:
+    from craftflow_migrations.nas.clients import LocalNasClient
+    from craftflow_migrations.nas.listing import list_nas
+
+    with LocalNasClient(base) as client:
+        return {k: li.fingerprint for k, li in list_nas(client)[0].items()}
+
+
+def _materialize(instance, fingerprints: dict[str, str]) -> None:
+    for key, fingerprint in fingerprints.items():
+        instance.report_runless_asset_event(dg.AssetMaterialization(
+            DESIGN_IMAGES, partition=key, metadata={"listing_fingerprint": fingerprint}))
+
+
+def test_scan_sensor_requests_new_changed_and_failed_partitions(migrated_url, instance, tmp_path, clean_nas_env):
+    from dagster._core.storage.dagster_run import DagsterRun
+
     from craftflow_migrations.definitions import defs
 
     base = tmp_path / "G"
     write_corpus(base, {("Shop A", "T1"): 2, ("Shop A", "T2"): 2, ("Shop B", "T1"): 2}, size=(64, 64))
-    resources = {"nas": NasResource(base_path=str(base)), "postgres": PostgresResource(database_url=migrated_url)}
+    os.environ["NAS_BASE_PATH"] = str(base)
+    resources = {"nas": NasResource(), "postgres": PostgresResource(database_url=migrated_url)}
     sensor = defs.get_sensor_def("nas_scan_sensor")
 
-    result = sensor(dg.build_sensor_context(instance=instance, resources=resources))
+    def tick():
+        return sensor(dg.build_sensor_context(instance=instance, resources=resources))
+
+    result = tick()
     # The three new folders are neighbours: one run for the range.
     [request] = result.run_requests
     assert request.partition_key_range == dg.PartitionKeyRange("Shop A/T1", "Shop B/T1")
     assert list(result.dynamic_partitions_requests[0].partition_keys) == ["Shop A/T1", "Shop A/T2", "Shop B/T1"]
     instance.add_dynamic_partitions(nas_partitions.name, list(result.dynamic_partitions_requests[0].partition_keys))
 
-    again = sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor, resources=resources))
-    assert again.run_requests == [] and again.dynamic_partitions_requests == []
+    _materialize(instance, _current_fingerprints(base))  # the run succeeded
+    assert tick().run_requests == []
 
     write_corpus(base, {("Shop B", "T1"): 3}, size=(64, 64), seed=100)  # one file added, two rewritten
-    changed = sensor(dg.build_sensor_context(instance=instance, cursor=again.cursor, resources=resources))
+    changed = tick()
     assert [r.partition_key for r in changed.run_requests] == ["Shop B/T1"]
+    # That run failed (no materialization): the next tick asks again, with a new run key.
+    again = tick()
+    assert [r.partition_key for r in again.run_requests] == ["Shop B/T1"]
+    assert again.run_requests[0].run_key != changed.run_requests[0].run_key
+    # While an import of it is queued or running, it is not requested twice.
+    instance.add_run(DagsterRun(job_name="nas_import", run_id="in-flight-run", status=dg.DagsterRunStatus.STARTED,
+                                tags={"dagster/partition": "Shop B/T1"}))
+    assert tick().run_requests == []
 
 
-def test_scan_sensor_waits_for_the_schema(database_url, instance, tmp_path):
+def test_scan_sensor_waits_for_the_schema(database_url, instance, tmp_path, clean_nas_env):
     from craftflow_migrations.definitions import defs
 
     (tmp_path / "G" / "S" / "T").mkdir(parents=True)
-    resources = {"nas": NasResource(base_path=str(tmp_path / "G")),
+    os.environ["NAS_BASE_PATH"] = str(tmp_path / "G")
+    resources = {"nas": NasResource(),
                  "postgres": PostgresResource(database_url=database_url)}
     result = defs.get_sensor_def("nas_scan_sensor")(dg.build_sensor_context(instance=instance, resources=resources))
     assert isinstance(result, dg.SkipReason) and "Schema is not at head" in result.skip_message

@@ -4,8 +4,8 @@ from sqlalchemy import text
 
 from craftflow_migrations.db import get_engine
 from craftflow_migrations.nas import store
-from craftflow_migrations.nas.client import NasFile
 from craftflow_migrations.nas.hashing import ImageFacts
+from craftflow_migrations.nas.listing import NasFile
 
 ODD = ("Ünïcode 'Shop' \"Q\"", "Poster 50×70, matte")
 
@@ -15,8 +15,9 @@ def facts(sha: str) -> ImageFacts:
 
 
 def put(conn, shop: str, template: str, path: str, sha: str, failed: bool = False) -> None:
-    f = NasFile(shop, template, f"{shop}/{template}/{path}", 1, 0.0)
-    row = store.row_for(f, ImageFacts(None, None, None, None, None, "unreadable image") if failed else facts(sha))
+    f = NasFile(shop, template, f"{shop}/{template}/{path}", 1, 0)
+    row = store.row_for(f, ImageFacts(None, None, None, None, None, "unreadable image") if failed else facts(sha),
+                        store.EPOCH)
     store.upsert(conn, [row])
 
 
@@ -30,7 +31,7 @@ def test_exact_duplicate_counts_for_every_partition_of_a_run_in_one_query(migrat
         put(conn, "Shop B", "T1", "c again.png", "c")  # and twice within one
         put(conn, "Shop B", "T1", "broken.png", "x", failed=True)
         put(conn, "Shop C", "T1", "d.png", "d")
-        store.mark_removed(conn, "Shop C", "T1", ["Shop C/T1/d.png"])
+        store.mark_removed(conn, [("Shop C", "T1", "Shop C/T1/d.png")], store.EPOCH)
         put(conn, "Shop D", "T1", "d.png", "d")  # its twin is removed: not a duplicate any more
 
         counts = store.exact_duplicate_counts(conn, [ODD, ("Shop B", "T1"), ("Shop D", "T1"), ("Empty", "T")])

@@ -1,6 +1,5 @@
 """The design_duplicates asset and the checks on design_images."""
 
-import os
 import time
 from pathlib import Path
 
@@ -11,16 +10,17 @@ from ..db import PostgresResource
 from ..nas.assets import design_images
 from ..nas.hashing import PHASH_ALGORITHM
 from ..nas.resource import NasResource
+from ..settings import get_settings
 from . import store
 from .grouping import DEFAULT_THRESHOLD, find_groups
 from .report import write_report
 
 
 def default_report_dir() -> Path:
-    configured = os.environ.get("CRAFTFLOW_REPORT_DIR", "").strip()
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("DAGSTER_HOME", ".")) / "reports" / "duplicates"
+    settings = get_settings()
+    if settings.report_dir:
+        return Path(settings.report_dir)
+    return Path(settings.dagster_home or ".") / "reports" / "duplicates"
 
 
 class DuplicatesConfig(dg.Config):
@@ -37,11 +37,11 @@ class DuplicatesConfig(dg.Config):
 def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfig,
                       postgres: PostgresResource, nas: NasResource) -> dg.MaterializeResult:
     started = time.monotonic()
-    with postgres.engine.connect() as conn:
-        images = store.load_images(conn)
-    groups = find_groups(images, config.threshold)
-    grouped_s = time.monotonic() - started
     with postgres.engine.begin() as conn:
+        store.lock_groups(conn)
+        images = store.load_images(conn)
+        groups = find_groups(images, config.threshold)
+        grouped_s = time.monotonic() - started
         store.replace_groups(conn, groups, config.threshold)
     out_dir = Path(config.report_dir) if config.report_dir else default_report_dir()
     client = nas.open() if not nas.missing() else None
@@ -78,7 +78,7 @@ def hashes_use_current_algorithm(postgres: PostgresResource) -> dg.AssetCheckRes
 
 @dg.asset_check(asset=design_images, description="The share of failed files stays under MAX_FAILED_SHARE (5%).")
 def failed_share_under_limit(postgres: PostgresResource) -> dg.AssetCheckResult:
-    limit = float(os.environ.get("MAX_FAILED_SHARE", "0.05") or 0.05)
+    limit = get_settings().max_failed_share
     with postgres.engine.connect() as conn:
         total, failed = conn.execute(text(
             "SELECT count(*), count(*) FILTER (WHERE status = 'failed') FROM design_images "

@@ -47,7 +47,7 @@ def _thumbnail(data: bytes, target: Path) -> bool:
             image.thumbnail((THUMB_PX, THUMB_PX))
             image.convert("RGB").save(target, "JPEG", quality=80)
         return True
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 - any decoding failure means no preview, never a failed report
         return False
 
 
@@ -64,8 +64,8 @@ def write_report(groups: list[Group], out_dir: Path, read: Callable[[str], bytes
             ok = (thumbs / name).exists()
             if not ok:
                 try:
-                    ok = _thumbnail(read(m.path), thumbs / name)
-                except OSError:
+                    ok = _thumbnail(read(m.path.encode()), thumbs / name)
+                except Exception:  # noqa: BLE001 - a picture that cannot be read shows as missing
                     ok = False
             total += ok
             picture = (f'<img src="thumbs/{name}" alt="{html.escape(m.path)}" loading="eager">' if ok

@@ -25,6 +25,20 @@ def load_images(conn: Connection) -> list[ImageRow]:
     return [ImageRow(*r) for r in rows]
 
 
+# Two duplicates runs at once (two containers deploying) take turns on this lock.
+GROUPS_LOCK_KEY = 7_301_845_112_004_200
+
+
+def lock_groups(conn: Connection) -> None:
+    """Serialize regrouping: held to the end of the caller's transaction.
+
+    Take it before reading design_images: under READ COMMITTED every later statement of the
+    transaction then sees what the run before it committed, so the last run's groups win
+    whole, never a mix of both.
+    """
+    conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": GROUPS_LOCK_KEY})
+
+
 def replace_groups(conn: Connection, groups: list[Group], threshold: int) -> None:
     """Swap in a new set of groups in one transaction: readers never see half of it."""
     conn.execute(text("DELETE FROM design_duplicate_groups"))

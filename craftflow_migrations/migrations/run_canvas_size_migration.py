@@ -8,10 +8,11 @@ Labels that do not parse are left NULL and counted.
 """
 
 import logging
-import os
 import time
 
 from sqlalchemy import text
+
+from craftflow_migrations.settings import get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ BATCH_SQL = text(f"""
 
 
 def upgrade(connection):
-    batch_size = int(os.environ.get("CANVAS_MIGRATION_BATCH_SIZE", "5000"))
+    # Validated (a whole number from 1) with every other setting: 0 would convert nothing.
+    batch_size = get_settings().migrations.canvas_batch_size
     connection.execute(text("""
         CREATE TABLE IF NOT EXISTS craftflow_migration_checkpoints (
             name        text PRIMARY KEY,

@@ -8,7 +8,8 @@ per partition with its own counts.
 """
 
 import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
+from datetime import datetime
 
 import dagster as dg
 
@@ -18,10 +19,43 @@ from ..schema.discovery import discover
 from ..settings import migrations_dir
 from . import store
 from .batching import MB, plan_batches
-from .client import NasError, NasFile, split_partition_key
+from .changes import scan_for_import
+from .clients import NasError
 from .importer import Counts, import_batch, sum_counts
+from .listing import NasFile, list_nas
+from .names import shown
 from .resource import NasResource
-from .scan import scan_for_import
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One batch step's work: the files, and when the listing they came from began."""
+
+    index: int
+    count: int
+    sequential: bool
+    listed_at: datetime
+    files: list[NasFile]
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    shop: str
+    template: str
+    seen: int
+    unchanged: int
+    removed: int
+    skipped: int
+    fingerprint: str
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    started: float
+    batches: int
+    partitions: dict[str, PartitionPlan]
+
 
 nas_partitions = dg.DynamicPartitionsDefinition(name="nas_shop_templates")
 SFTP_POOL = "nas_sftp"
@@ -54,7 +88,7 @@ def schema_gate(engine) -> None:
 
 
 @dg.op(
-    out={"batches": dg.DynamicOut(dict), "scan": dg.Out(dict)},
+    out={"batches": dg.DynamicOut(BatchPlan), "scan": dg.Out(RunPlan)},
     required_resource_keys={"postgres", "nas"},
     tags={"kind": "nas"},
 )
@@ -67,14 +101,14 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
     if nas.missing():
         raise dg.Failure(description=f"NAS credentials not configured: set {', '.join(nas.missing())}")
     started = time.monotonic()
+    with postgres.engine.connect() as conn:
+        listed_at = store.db_now(conn)
     try:
-        client = nas.open()
-        try:
-            scans = scan_for_import(client, postgres.engine, keys)
-        finally:
-            client.close()
+        with nas.open() as client:
+            listings, _ = list_nas(client, keys, context.log)
     except NasError as exc:
         raise dg.Failure(description=str(exc)) from None
+    scans = scan_for_import(listings, postgres.engine, listed_at, nas.settings.max_file_mb * MB)
     to_import = [f for scan in scans for f in scan.to_import]
     if nas.batched:
         # Batches are cut across all partitions of the run, so a run of many small folders
@@ -83,34 +117,31 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
                                config.min_batch_mb * MB)
     else:
         batches = [to_import] if to_import else []
-    for scan in scans:
-        context.log.info(
-            f"{scan.key}: {scan.seen} files on {nas.description}, {scan.unchanged} unchanged, "
-            f"{len(scan.to_import)} to import ({scan.bytes_to_import / MB:,.1f} MB), {scan.removed} removed"
-        )
+    problems = [p for scan in scans for p in scan.problems]
+    for line in problems[:20]:
+        context.log.warning(f"NAS listing: {line}")
     context.log.info(
-        f"{len(keys)} partition(s) listed in {time.monotonic() - started:.2f}s: {len(to_import)} files, "
-        f"{sum(f.size for f in to_import) / MB:,.1f} MB in {len(batches)} batch(es)"
+        f"{len(keys)} partition(s) on {nas.description} listed in {time.monotonic() - started:.2f}s: "
+        f"{sum(s.seen for s in scans)} files, {sum(s.unchanged for s in scans)} unchanged, "
+        f"{len(to_import)} to import ({sum(f.size for f in to_import) / MB:,.1f} MB) in {len(batches)} batch(es), "
+        f"{sum(s.removed for s in scans)} removed, {sum(s.skipped for s in scans)} over the size cap, "
+        f"{len(problems)} entries recorded as problems"
     )
     yield dg.Output(
-        {"started": time.time(), "batches": len(batches),
-         "partitions": {scan.key: {"seen": scan.seen, "unchanged": scan.unchanged, "removed": scan.removed,
-                                   "fingerprint": scan.fingerprint} for scan in scans}},
+        RunPlan(time.time(), len(batches), {
+            s.key: PartitionPlan(s.shop, s.template, s.seen, s.unchanged, s.removed, s.skipped, s.fingerprint,
+                                 s.problems) for s in scans}),
         output_name="scan",
     )
     for i, batch in enumerate(batches):
-        yield dg.DynamicOutput(
-            {"index": i + 1, "count": len(batches), "sequential": not nas.batched,
-             "files": [asdict(f) for f in batch]},
-            mapping_key=f"batch_{i + 1:04d}",
-            output_name="batches",
-        )
+        yield dg.DynamicOutput(BatchPlan(i + 1, len(batches), not nas.batched, listed_at, batch),
+                               mapping_key=f"batch_{i + 1:04d}", output_name="batches")
 
 
-def _batch_label(context: dg.OpExecutionContext, batch: dict) -> str:
+def _batch_label(context: dg.OpExecutionContext, batch: BatchPlan) -> str:
     keys = context.partition_keys
-    where = keys[0] if len(keys) == 1 else f"{len(keys)} partitions"
-    return f"{where} batch {batch['index']}/{batch['count']}"
+    where = shown(keys[0]) if len(keys) == 1 else f"{len(keys)} partitions"
+    return f"{where} batch {batch.index}/{batch.count}"
 
 
 @dg.op(
@@ -119,64 +150,73 @@ def _batch_label(context: dg.OpExecutionContext, batch: dict) -> str:
     pool=SFTP_POOL,
     tags={"kind": "nas", BATCH_STEP_TAG[0]: BATCH_STEP_TAG[1]},
 )
-def import_nas_batch(context: dg.OpExecutionContext, batch: dict) -> dict:
+def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> dict[str, Counts]:
     """Fetch and hash one batch; bad files are recorded, a lost connection retries the batch."""
     postgres: PostgresResource = context.resources.postgres
     nas: NasResource = context.resources.nas
-    files = [NasFile(**f) for f in batch["files"]]
     label = _batch_label(context, batch)
     if context.retry_number:
         context.log.warning(f"{label}: attempt {context.retry_number + 1} of 3")
-    client = nas.open()
     try:
-        result = import_batch(client, postgres.engine, files, label, context.log,
-                              pipelined=not batch["sequential"])
-    finally:
-        client.close()
+        with nas.open() as client:
+            result = import_batch(client, postgres.engine, batch.files, batch.listed_at, nas.settings, label,
+                                  context.log, pipelined=not batch.sequential)
+    except NasError as exc:
+        # Retried by the RetryPolicy; the message is the one line an operator needs.
+        raise dg.Failure(description=str(exc), allow_retries=True) from None
     total = result.total
     context.log.info(
         f"{label} done: {total.imported} imported, {total.failed} failed, {total.skipped} already done, "
         f"{total.bytes_read / MB:,.1f} MB at {result.mb_per_s:,.1f} MB/s"
     )
-    return {key: asdict(counts) for key, counts in result.partitions.items()}
+    return result.partitions
 
 
 @dg.op(required_resource_keys={"postgres"}, tags={"kind": "nas"})
-def summarize_nas_import(context: dg.AssetExecutionContext, scan: dict, results: list[dict]) -> None:
+def summarize_nas_import(context: dg.AssetExecutionContext, scan: RunPlan, results: list[dict[str, Counts]]) -> None:
     """One materialization per partition, each with its own counts and listing fingerprint.
 
     Returns nothing: the asset is the table, and an IO manager could not store one value
     for a range of partitions anyway.
     """
     postgres: PostgresResource = context.resources.postgres
-    seconds = max(time.time() - scan["started"], 1e-6)
-    run_mb = sum(c["bytes_read"] for r in results for c in r.values()) / MB
-    summaries = {}
-    parts = {key: split_partition_key(key) for key in scan["partitions"]}
+    seconds = max(time.time() - scan.started, 1e-6)
+    run_mb = sum(c.bytes_read for r in results for c in r.values()) / MB
+    parts = {key: (p.shop, p.template) for key, p in scan.partitions.items()}
     with postgres.engine.begin() as conn:
         store.link_shops(conn, (shop for shop, _ in parts.values()))
         duplicates = store.exact_duplicate_counts(conn, parts.values())
-        for key, seen in scan["partitions"].items():
-            total = sum_counts(Counts(**r[key]) for r in results if key in r)
-            summaries[key] = {
-                "files_seen": seen["seen"],
-                "files_imported": total.imported,
-                "files_unchanged": seen["unchanged"] + total.skipped,
-                "files_failed": total.failed,
-                "files_removed": seen["removed"],
-                "mb_read": round(total.bytes_read / MB, 2),
-                "exact_duplicates": duplicates[parts[key]],
-                "listing_fingerprint": seen["fingerprint"],
-                # The run's figures: batches and time are shared by every partition of the run.
-                "run_partitions": len(scan["partitions"]),
-                "batches": scan["batches"],
-                "mb_per_s": round(run_mb / seconds, 2),
-                "seconds": round(seconds, 2),
-            }
-    for key, summary in summaries.items():
-        context.log.info(f"{key}: " + ", ".join(
-            f"{k}={v}" for k, v in summary.items() if k.startswith(("files", "mb", "sec", "exact"))))
-        context.add_asset_metadata(summary, partition_key=key)
+    totals = Counts()
+    for key, plan in scan.partitions.items():
+        total = sum_counts(r[key] for r in results if key in r)
+        totals = sum_counts([totals, total])
+        metadata = {
+            "files_seen": plan.seen,
+            "files_imported": total.imported,
+            "files_unchanged": plan.unchanged + total.skipped,
+            "files_failed": total.failed,
+            "files_removed": plan.removed,
+            "files_over_size_cap": plan.skipped,
+            "listing_problems": len(plan.problems),
+            "mb_read": round(total.bytes_read / MB, 2),
+            "exact_duplicates": duplicates[parts[key]],
+            "listing_fingerprint": plan.fingerprint,
+            # The run's figures: batches and time are shared by every partition of the run.
+            "run_partitions": len(scan.partitions),
+            "batches": scan.batches,
+            "mb_per_s": round(run_mb / seconds, 2),
+            "seconds": round(seconds, 2),
+        }
+        if plan.problems:
+            metadata["listing_problem_examples"] = dg.MetadataValue.text("\n".join(plan.problems[:50]))
+        context.add_asset_metadata(metadata, partition_key=key)
+    # One line for the run; each partition's figures are in its materialization.
+    context.log.info(
+        f"{len(scan.partitions)} partition(s): {totals.imported} imported, {totals.failed} failed, "
+        f"{sum(p.unchanged for p in scan.partitions.values()) + totals.skipped} unchanged, "
+        f"{sum(p.removed for p in scan.partitions.values())} removed, {run_mb:,.1f} MB in {seconds:.1f}s "
+        f"({run_mb / seconds:,.1f} MB/s)"
+    )
 
 
 @dg.graph_asset(

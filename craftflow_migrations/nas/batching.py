@@ -16,7 +16,7 @@ import posixpath
 from collections import defaultdict
 from collections.abc import Sequence
 
-from .client import NasFile
+from .listing import NasFile
 
 MB = 1024 * 1024
 

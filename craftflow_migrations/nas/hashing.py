@@ -1,13 +1,28 @@
 """Facts about one image file: sha256, 256-bit pHash, size and format.
 
-The pHash is ``imagehash.phash(PIL.Image.open(file), hash_size=16)`` itself, called
-on the same bytes, so it is bit-identical to what anyone computing it by hand gets.
+The pHash is ``imagehash.phash(PIL.Image.open(file), hash_size=16)`` itself, called on the
+same bytes, so it is bit-identical to what anyone computing it by hand gets.
+
+No file can stop an import, whatever its bytes:
+
+- any exception while opening or decoding (Pillow raises ``OSError``, ``SyntaxError``,
+  ``ValueError``, ``TypeError``, ``ZeroDivisionError``, ``EOFError``, ``struct.error``,
+  ``MemoryError`` and more) becomes the file's recorded error;
+- a file is refused *before* decoding when its header declares more pixels than
+  ``NAS_MAX_PIXELS`` (default 250 M: a 40x60 inch canvas at 300 DPI is 216 M), or more pixels
+  than its bytes could possibly hold (a 900-byte DDS declaring 164 M pixels);
+- decoding has a wall-time cap (``NAS_DECODE_TIMEOUT``), enforced by raising an exception in
+  the decoding thread from a watchdog; Pillow's decoders return to Python at least every
+  64 KB of input, so the cap holds to within one chunk.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import io
+import threading
+import warnings
 from dataclasses import dataclass
 
 import imagehash
@@ -16,8 +31,25 @@ from PIL import Image, UnidentifiedImageError
 HASH_SIZE = 16
 PHASH_ALGORITHM = f"imagehash-{imagehash.__version__}:phash:hash_size={HASH_SIZE}"
 
+# Codecs whose output size is fixed by the pixel count (no entropy coding): a file must
+# carry about width x height x bytes-per-pixel of data.
+_UNCOMPRESSED = {"raw", "dds_rgb", "bcn", "bit", "F;16", "sgi_raw"}
+# Run-length codecs cannot shrink data more than about 128:1.
+_RUN_LENGTH = {"packbits", "tga_rle", "sgi_rle", "pcx", "msp"}
+# Entropy-coded codecs (deflate, JPEG, LZW, WebP): deflate's ceiling is 1032:1; 5,000:1 leaves
+# room for flat JPEGs while refusing headers that claim far more than the bytes could hold.
+MAX_RAW_TO_FILE_RATIO = 5_000
 
-@dataclass(frozen=True)
+
+class RefusedImage(ValueError):
+    """The header is refused before decoding; the message says why."""
+
+
+class DecodeTimeout(Exception):
+    """Raised inside the decoding thread when a file exceeds its wall-time cap."""
+
+
+@dataclass(frozen=True, slots=True)
 class ImageFacts:
     sha256: str | None
     phash: str | None
@@ -31,24 +63,126 @@ class ImageFacts:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class DecodeLimits:
+    max_pixels: int = 250_000_000
+    timeout_s: float = 120.0
+
+
 def phash_hex(image: Image.Image) -> str:
     return str(imagehash.phash(image, hash_size=HASH_SIZE))
 
 
-def describe_image(data: bytes) -> ImageFacts:
-    """Never raises for a bad file: empty, truncated and non-image files come back with ``error``."""
+def _bytes_per_pixel(mode: str) -> float:
+    try:
+        return max(Image.getmodebands(mode), 1) * (1 if mode not in ("1",) else 1 / 8)
+    except (KeyError, ValueError):
+        return 1.0
+
+
+def declared_size_problem(image: Image.Image, nbytes: int, limits: DecodeLimits) -> str | None:
+    """Why the header's declared size is refused before decoding, or None."""
+    width, height = image.size
+    pixels = width * height
+    if width <= 0 or height <= 0:
+        return f"declares an empty image ({width}x{height})"
+    if pixels > limits.max_pixels:
+        return (f"declares {width}x{height} = {pixels / 1e6:,.0f} M pixels, over NAS_MAX_PIXELS "
+                f"({limits.max_pixels / 1e6:,.0f} M); raise it to import this file")
+    raw = pixels * _bytes_per_pixel(image.mode)
+    codecs = {tile[0] for tile in (image.tile or [])}
+    if codecs & _UNCOMPRESSED:
+        ratio = 2.0  # a little slack for padding and headers
+    elif codecs & _RUN_LENGTH:
+        ratio = 130.0
+    else:
+        ratio = MAX_RAW_TO_FILE_RATIO
+    if raw > nbytes * ratio:
+        return (f"declares {width}x{height} = {pixels / 1e6:,.1f} M pixels, which {nbytes:,} bytes of "
+                f"{image.format} cannot hold; refused before decoding (truncated or crafted file)")
+    return None
+
+
+class _Watchdog:
+    """Raise :class:`DecodeTimeout` in one thread if a block runs past its cap.
+
+    ``PyThreadState_SetAsyncExc`` is how CPython delivers an exception to another thread;
+    unlike ``signal.alarm`` it works outside the main thread (Celery, thread pools). The lock
+    makes sure it can only fire while the block runs, and any exception still pending when the
+    block ends is withdrawn.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.thread_id = threading.get_ident()
+        self.lock = threading.Lock()
+        self.running = False
+        self.timer = threading.Timer(timeout_s, self._fire)
+        self.timer.daemon = True
+
+    def _fire(self) -> None:
+        with self.lock:
+            if self.running:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id),
+                                                           ctypes.py_object(DecodeTimeout))
+
+    def __enter__(self) -> _Watchdog:
+        self.running = True
+        self.timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.timer.cancel()
+        with self.lock:
+            self.running = False
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+
+
+def _describe(data: bytes, limits: DecodeLimits) -> tuple[str | None, int | None, int | None, str | None]:
+    with warnings.catch_warnings():
+        # Pillow warns about corrupt EXIF, odd sizes and its own bomb limit; the declared size
+        # is checked against our limits, and a file that fails says so in its error.
+        warnings.simplefilter("ignore")
+        with Image.open(io.BytesIO(data)) as image:
+            fmt, (width, height) = image.format, image.size
+            problem = declared_size_problem(image, len(data), limits)
+            if problem:
+                raise RefusedImage(problem)
+            image.load()
+            return phash_hex(image), width, height, fmt
+
+
+DEFAULT_LIMITS = DecodeLimits()
+
+
+def describe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageFacts:
+    """Never raises for a bad file: every failure comes back as ``error``, one readable line."""
     sha = hashlib.sha256(data).hexdigest() if data else None
     if not data:
         return ImageFacts(sha, None, None, None, None, "empty file")
+    # Our limits replace Pillow's global bomb limit (179 M pixels), which would refuse a
+    # 40x60 inch canvas at 300 DPI.
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            fmt, (width, height) = image.format, image.size
-            image.load()
-            return ImageFacts(sha, phash_hex(image), width, height, fmt)
+        try:
+            with _Watchdog(limits.timeout_s):
+                phash, width, height, fmt = _describe(data, limits)
+        except DecodeTimeout:
+            raise DecodeTimeout(f"decoding took over {limits.timeout_s:g}s (NAS_DECODE_TIMEOUT); skipped") from None
+        return ImageFacts(sha, phash, width, height, fmt)
     except UnidentifiedImageError:
         return ImageFacts(sha, None, None, None, None, "not an image (format not recognised)")
     except Image.DecompressionBombError as exc:
         return ImageFacts(sha, None, None, None, None, f"refused as a decompression bomb: {exc}")
-    except (OSError, SyntaxError, ValueError) as exc:
-        # Pillow reports truncated and corrupt files as OSError or SyntaxError.
-        return ImageFacts(sha, None, None, None, None, f"unreadable image: {exc}")
+    except (DecodeTimeout, RefusedImage) as exc:
+        return ImageFacts(sha, None, None, None, None, str(exc))
+    except MemoryError:
+        return ImageFacts(sha, None, None, None, None, "not enough memory to decode this image")
+    except RecursionError:
+        return ImageFacts(sha, None, None, None, None, "unreadable image: structure nested too deeply")
+    except Exception as exc:  # noqa: BLE001 - every decode failure is this file's, never the batch's
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        kind = type(exc).__name__
+        return ImageFacts(sha, None, None, None, None,
+                          f"unreadable image: {detail}" if isinstance(exc, (OSError, SyntaxError, ValueError))
+                          and detail else f"unreadable image ({kind}{': ' + detail if detail else ''})")

@@ -3,27 +3,37 @@
 A batch may hold files of several partitions (a run importing many folders balances its
 batches across all of them); counts are kept per partition.
 
-The next file is fetched on a thread while the current one is hashed, so network and
-CPU overlap. Rows are committed every few files, which is what makes a killed run
-resumable: committed files are unchanged on the next scan and are not fetched again.
+The next file is fetched on a thread while the current one is hashed, so network and CPU
+overlap. Rows are committed every few files, which is what makes a killed run resumable:
+committed files are unchanged on the next scan and are not fetched again.
+
+What one file does never stops the batch: a file that cannot be read (permissions, gone
+since the listing) or decoded is that file's recorded failure. Only a NAS that stops
+answering fails the batch, which the asset retries.
+
+Memory is bounded: the prefetch thread holds at most ``prefetch_bytes`` of files not yet
+hashed (always at least one file), so a step holds the file it hashes, at most
+``max(prefetch_bytes, largest file)`` read ahead, and one decoded image.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
+from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
+from ..settings import NasSettings
 from . import store
-from .client import NasClient, NasFile, partition_key
-from .hashing import ImageFacts, describe_image
+from .clients.base import NasClient, NasError
+from .hashing import DecodeLimits, ImageFacts, describe_image
+from .listing import NasFile
 from .memory import keep_freed_memory
+from .names import shown
 
 MB = 1024 * 1024
 log = logging.getLogger("craftflow_migrations.nas")
@@ -33,7 +43,7 @@ log = logging.getLogger("craftflow_migrations.nas")
 class Counts:
     imported: int = 0
     failed: int = 0
-    skipped: int = 0
+    skipped: int = 0  # already imported by an earlier attempt of the batch
     bytes_read: int = 0
 
 
@@ -60,7 +70,7 @@ class BatchResult:
         return self.total.bytes_read / MB / self.seconds if self.seconds > 0 else 0.0
 
     def count(self, f: NasFile, **deltas: int) -> None:
-        part = self.partitions.setdefault(partition_key(f.shop, f.template), Counts())
+        part = self.partitions.setdefault(f.key, Counts())
         for name, delta in deltas.items():
             setattr(part, name, getattr(part, name) + delta)
 
@@ -93,100 +103,135 @@ class Progress:
         )
 
 
-_DONE = object()
+class ReadAhead:
+    """Fetch files on a thread, holding at most ``budget`` bytes not yet handed back."""
 
+    def __init__(self, client: NasClient, files: Sequence[NasFile], budget: int):
+        self.client, self.files, self.budget = client, files, budget
+        self.cond = threading.Condition()
+        self.ready: list[tuple[NasFile, bytes | None, BaseException | None]] = []
+        self.held = 0
+        self.done = False
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, daemon=True, name="nas-read-ahead")
 
-def _prefetch(client: NasClient, files: Sequence[NasFile], out: queue.Queue, stop: threading.Event) -> None:
-    for f in files:
-        if stop.is_set():
-            return
+    def _run(self) -> None:
+        for f in self.files:
+            with self.cond:
+                # Always at least one file, however large; then only what fits the budget.
+                self.cond.wait_for(lambda f=f: self.stopped or self.held == 0 or self.held + f.size <= self.budget)
+                if self.stopped:
+                    return
+                self.held += f.size
+            try:
+                item = (f, self.client.read(f.rel), None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread to decide
+                item = (f, None, exc)
+            with self.cond:
+                self.ready.append(item)
+                self.cond.notify_all()
+        with self.cond:
+            self.done = True
+            self.cond.notify_all()
+
+    def __iter__(self):
+        self.thread.start()
         try:
-            item = (f, client.read(f.path), None)
-        except FileNotFoundError as exc:
-            item = (f, None, exc)  # gone between listing and reading: recorded, not fatal
-        except BaseException as exc:  # a dropped connection ends the batch; it is retried whole
-            out.put((f, None, exc))
-            return
-        out.put(item)
-    out.put(_DONE)
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.ready or self.done)
+                    if not self.ready:
+                        return
+                    item = self.ready.pop(0)
+                yield item
+                with self.cond:
+                    self.held -= item[0].size
+                    self.cond.notify_all()
+        finally:
+            with self.cond:
+                self.stopped = True
+                self.cond.notify_all()
+            self.thread.join(timeout=30)
 
 
-def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], label: str = "batch",
+def read_failure(client: NasClient, f: NasFile, exc: BaseException) -> str:
+    """This file's error, or raise :class:`NasError` when the NAS itself is gone."""
+    if isinstance(exc, OSError) and client.connected():
+        why = exc.strerror or str(exc) or type(exc).__name__
+        if isinstance(exc, FileNotFoundError):
+            return "file disappeared before it could be read"
+        return f"could not be read: {why}"
+    raise NasError(f"Lost the NAS connection while reading {shown(f.path)} "
+                   f"({client.description}): {exc or type(exc).__name__}") from exc
+
+
+def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], listed_at: datetime,
+                 settings: NasSettings | None = None, label: str = "batch",
                  logger: logging.Logger | None = None, pipelined: bool = True,
-                 flush_every: int | None = None, flush_bytes: int = 256 * MB,
+                 flush_bytes: int = 256 * MB, flush_every_s: float = 2.0, prefetch_bytes: int = 256 * MB,
                  on_file: Callable[[NasFile], None] | None = None) -> BatchResult:
     """Fetch, hash and store ``files``. Bad files are recorded; an unreachable NAS raises."""
+    settings = settings or NasSettings()
     logger = logger or log
     keep_freed_memory()
-    # Rows commit every few files: a killed run loses at most those, and resumes after them.
-    flush_every = flush_every or int(os.environ.get("NAS_COMMIT_EVERY", "16") or 16)
+    limits = DecodeLimits(settings.max_pixels, settings.decode_timeout_s)
+    max_file_bytes = settings.max_file_mb * MB
     result = BatchResult(label)
     started = time.monotonic()
 
-    # A retried batch skips what an earlier attempt already committed.
-    todo = []
-    known: dict[tuple[str, str], dict[str, store.KnownRow]] = {}
+    # A retried batch skips what an earlier attempt already committed: one query for the batch.
     with engine.connect() as conn:
-        for f in files:
-            part = (f.shop, f.template)
-            if part not in known:
-                known[part] = store.known_rows(conn, *part)
-            row = known[part].get(f.path)
-            if row is not None and row.is_current(f):
-                result.count(f, skipped=1)
-            else:
-                todo.append(f)
+        known = store.known_files(conn, files)
+    todo = []
+    for f in files:
+        row = known.get((f.shop, f.template, f.path))
+        if row is not None and row.is_current(f, max_file_bytes):
+            result.count(f, skipped=1)
+        else:
+            todo.append(f)
     progress = Progress(label, len(todo), sum(f.size for f in todo), logger)
     pending: list[dict] = []
     pending_bytes = 0
+    last_flush = time.monotonic()
 
     def flush() -> None:
-        nonlocal pending, pending_bytes
+        nonlocal pending, pending_bytes, last_flush
         with engine.begin() as conn:
             store.upsert(conn, pending)
-        pending, pending_bytes = [], 0
+        pending, pending_bytes, last_flush = [], 0, time.monotonic()
 
     def handle(f: NasFile, data: bytes | None, error: BaseException | None) -> None:
         nonlocal pending_bytes
-        if error is not None and not isinstance(error, FileNotFoundError):
-            raise error
-        if data is None:
-            facts = ImageFacts(None, None, None, None, None, "file disappeared before it could be read")
+        if error is not None:
+            facts = ImageFacts(None, None, None, None, None, read_failure(client, f, error))
         else:
-            facts = describe_image(data)
+            facts = describe_image(data, limits)
             result.count(f, bytes_read=len(data))
         if facts.error:
             result.count(f, failed=1)
-            logger.warning(f"{f.path}: {facts.error}")
+            logger.warning(f"{shown(f.path)}: {facts.error}")
         else:
             result.count(f, imported=1)
-        pending.append(store.row_for(f, facts))
+        pending.append(store.row_for(f, facts, listed_at))
         pending_bytes += f.size
         progress.advance(len(data or b""))
         if on_file:
             on_file(f)
-        if len(pending) >= flush_every or pending_bytes >= flush_bytes:
+        # Committed by count, size or time: a killed import loses at most a few seconds of work.
+        if (len(pending) >= settings.commit_every or pending_bytes >= flush_bytes
+                or time.monotonic() - last_flush >= flush_every_s):
             flush()
 
     if pipelined and len(todo) > 1:
-        q: queue.Queue = queue.Queue(maxsize=2)
-        stop = threading.Event()
-        worker = threading.Thread(target=_prefetch, args=(client, todo, q, stop), daemon=True)
-        worker.start()
-        try:
-            while (item := q.get()) is not _DONE:
-                handle(*item)
-        finally:
-            stop.set()
-            while not q.empty():
-                q.get_nowait()
-            worker.join(timeout=30)
+        for f, data, error in ReadAhead(client, todo, prefetch_bytes):
+            handle(f, data, error)
     else:
         for f in todo:
             try:
-                handle(f, client.read(f.path), None)
-            except FileNotFoundError as exc:
-                handle(f, None, exc)
+                data, error = client.read(f.rel), None
+            except OSError as exc:
+                data, error = None, exc
+            handle(f, data, error)
     flush()
     result.files = len(files)
     result.seconds = time.monotonic() - started

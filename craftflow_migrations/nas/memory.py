@@ -13,14 +13,14 @@ processes soon do.
 from __future__ import annotations
 
 import ctypes
-import os
 import platform
+
+from ..settings import malloc_tuned_by_operator
 
 # mallopt(3) parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 THRESHOLD_BYTES = 512 * 1024 * 1024
-USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _applied: bool | None = None
 
@@ -34,7 +34,7 @@ def keep_freed_memory() -> bool:
     global _applied
     if _applied is None:
         _applied = False
-        if platform.libc_ver()[0] == "glibc" and not any(v in os.environ for v in USER_SETTINGS):
+        if platform.libc_ver()[0] == "glibc" and not malloc_tuned_by_operator():
             try:
                 libc = ctypes.CDLL(None)
                 _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD_BYTES)

@@ -2,52 +2,33 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dagster as dg
 
-from .client import LocalNasClient, NasClient, SftpNasClient
+from ..settings import NasSettings, get_settings
+from .clients import NasClient, open_client
 
 
 class NasResource(dg.ConfigurableResource):
-    """Configure with ``EnvVar``s (see resources.py); the password never enters run config."""
+    """The NAS the environment names (``QNAP_*``, ``NAS_BASE_PATH``), read through the settings model.
 
-    host: str = ""
-    username: str = ""
-    password: str = ""
-    port: int = 22
-    base_path: str = "/share/Graphics"
-    key_file: str = ""
-    known_hosts: str = ""
-    host_key_fingerprint: str = ""
-    use_batched: str = "true"
+    It has no config fields on purpose: nothing about the NAS, least of all its password,
+    enters run config, the launchpad or the event log.
+    """
+
+    @property
+    def settings(self) -> NasSettings:
+        return get_settings().nas
+
+    def missing(self) -> list[str]:
+        return self.settings.missing()
 
     @property
     def batched(self) -> bool:
-        return self.use_batched.strip().lower() not in ("0", "false", "no", "off")
-
-    def missing(self) -> list[str]:
-        """Settings still needed before the NAS can be read; empty when it can."""
-        if self.host:
-            need = [] if self.username else ["QNAP_USERNAME"]
-            if not (self.password or self.key_file):
-                need.append("QNAP_PASSWORD (or QNAP_KEY_FILE)")
-            return need
-        if not Path(self.base_path).is_dir():
-            return ["QNAP_HOST (or NAS_BASE_PATH pointing at a local folder)"]
-        return []
+        return self.settings.use_batched
 
     @property
     def description(self) -> str:
-        if self.host:
-            return f"sftp://{self.username}@{self.host}:{self.port}{self.base_path}"
-        return f"local folder {self.base_path}"
+        return self.settings.description
 
     def open(self) -> NasClient:
-        if self.host:
-            return SftpNasClient(
-                self.host, self.port, self.username, self.base_path,
-                password=self.password or None, key_file=self.key_file or None,
-                known_hosts=self.known_hosts or None, host_key_fingerprint=self.host_key_fingerprint or None,
-            )
-        return LocalNasClient(self.base_path)
+        return open_client(self.settings)

@@ -1,24 +1,23 @@
 """Automation for the NAS import: a scan sensor and the chain from the startup job.
 
-The scan sensor keeps one fingerprint per partition in its cursor (a digest of every
-file's path, size and mtime), so a tick only requests runs for folders that are new or
-changed, never a full re-import. Both sensors request one run per contiguous range of
-such partitions (a single run when they are neighbours), as the worker does.
+The scan sensor lists the NAS and requests runs for partitions whose listing differs from
+their latest materialization and that no queued or running import covers (see
+``partitions.py``): a run that failed is requested again on the next tick. Both sensors
+request one run per contiguous range of such partitions (a single run when they are
+neighbours), as the worker does.
 """
 
 import hashlib
-import json
 
 import dagster as dg
 
 from ..db import PostgresResource
 from .assets import pending_startup_migrations
-from .client import NasError
+from .clients import NasError
+from .listing import list_nas
+from .partitions import DESIGN_IMAGES, partitions_to_import
 from .ranges import range_run_requests
 from .resource import NasResource
-from .scan import fingerprint_partitions
-
-DESIGN_IMAGES = dg.AssetKey("design_images")
 
 
 def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
@@ -28,7 +27,7 @@ def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
         job=job,
         minimum_interval_seconds=interval_s,
         default_status=dg.DefaultSensorStatus.STOPPED,
-        description="Scan the NAS; add new <shop>/<template> partitions and import new or changed ones.",
+        description="Scan the NAS; add new <shop>/<template> partitions and import new, changed or failed ones.",
     )
     def nas_scan_sensor(context: dg.SensorEvaluationContext, nas: NasResource, postgres: PostgresResource):
         if nas.missing():
@@ -36,33 +35,30 @@ def build_nas_scan_sensor(job, partitions: dg.DynamicPartitionsDefinition,
         pending = pending_startup_migrations(postgres.engine)
         if pending:
             return dg.SkipReason(f"Schema is not at head (pending: {', '.join(pending)}); waiting for the startup job")
-        seen: dict[str, str] = json.loads(context.cursor) if context.cursor else {}
         try:
-            client = nas.open()
-            try:
-                current = fingerprint_partitions(client, context.log)
-            finally:
-                client.close()
+            with nas.open() as client:
+                listings, _ = list_nas(client, logger=context.log)
         except NasError as exc:
             return dg.SkipReason(f"NAS not reachable: {exc}")
+        current = {key: listing.fingerprint for key, listing in listings.items()}
         order = list(context.instance.get_dynamic_partitions(partitions.name))
         known = set(order)
         new_keys = sorted(k for k in current if k not in known)
-        changed = sorted(k for k, fp in current.items() if seen.get(k) != fp)
-        context.log.info(f"{len(current)} partitions on the NAS, {len(new_keys)} new, {len(changed)} new or changed")
+        order += new_keys  # new keys are added in this order before the runs start, so ranges can span them
+        todo = partitions_to_import(context.instance, current, order)
+        context.log.info(f"{len(current)} partitions on the NAS, {len(new_keys)} new, {len(todo)} to import")
 
         def run_key(group: list[str]) -> str:
-            # The same folders with the same contents: the same key, so a re-tick is not re-run.
-            if len(group) == 1:
-                return f"{group[0]}@{current[group[0]]}"
+            # Unique per request: a folder whose run failed must be requested again, and
+            # partitions already in flight were left out above.
             digest = hashlib.sha256("".join(f"{k}@{current[k]}\n" for k in group).encode()).hexdigest()[:16]
-            return f"{group[0]} .. {group[-1]}@{digest}"
+            return f"{group[0]} .. {group[-1]}@{digest}@{context.cursor or 0}"
 
+        tick = str(int(context.cursor or 0) + 1)
+        context.update_cursor(tick)
         return dg.SensorResult(
-            # New keys are added in this order before the runs start, so ranges can span them.
-            run_requests=range_run_requests(changed, order + new_keys, run_key),
+            run_requests=range_run_requests(todo, order, run_key),
             dynamic_partitions_requests=[partitions.build_add_request(new_keys)] if new_keys else [],
-            cursor=json.dumps(current, sort_keys=True),
         )
 
     return nas_scan_sensor

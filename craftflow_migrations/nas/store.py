@@ -1,29 +1,39 @@
-"""design_images rows: what is known of a partition, bulk upserts, removals."""
+"""design_images rows: what is known of a run's partitions, bulk upserts, removals.
+
+Every query covers all of a run's partitions (or all of a batch's files) at once, through
+arrays, so thousands of folders cost a few round trips, not a few per folder.
+
+Two imports of one folder at once (two deploys) cannot undo each other: every write carries
+the time its listing began (``listed_at``, PostgreSQL's clock), and a row is only changed by
+a listing at least as new as the one that last wrote it. A file one import saw removed is
+never resurrected by an import that listed earlier.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
     Integer,
+    LargeBinary,
     MetaData,
     SmallInteger,
     Table,
     Text,
-    bindparam,
     func,
+    or_,
     text,
 )
 from sqlalchemy.dialects.postgresql import ENUM, insert
 from sqlalchemy.engine import Connection
 
-from .client import NasFile
-from .hashing import PHASH_ALGORITHM, ImageFacts
+from .hashing import HASH_SIZE, PHASH_ALGORITHM, ImageFacts
+from .listing import NasFile
 
 metadata = MetaData()
 design_images = Table(
@@ -33,6 +43,7 @@ design_images = Table(
     Column("shop", Text),
     Column("template", Text),
     Column("path", Text),
+    Column("path_bytes", LargeBinary),
     Column("shop_id", BigInteger),
     Column("size_bytes", BigInteger),
     Column("mtime", DateTime(timezone=True)),
@@ -43,88 +54,134 @@ design_images = Table(
     Column("width", Integer),
     Column("height", Integer),
     Column("format", Text),
-    Column("status", ENUM("ok", "failed", "removed", name="design_image_status", create_type=False)),
+    Column("status", ENUM("ok", "failed", "removed", "skipped", name="design_image_status", create_type=False)),
     Column("error", Text),
     Column("first_seen_at", DateTime(timezone=True)),
     Column("imported_at", DateTime(timezone=True)),
     Column("removed_at", DateTime(timezone=True)),
+    Column("listed_at", DateTime(timezone=True)),
 )
 
-
-def to_timestamp(mtime: float) -> datetime:
-    return datetime.fromtimestamp(round(mtime, 6), tz=timezone.utc)
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
-def mtime_key(mtime: float | datetime) -> int:
-    """Microseconds since the epoch: equal for a float mtime and its stored timestamptz."""
-    if isinstance(mtime, datetime):
-        mtime = mtime.timestamp()
-    return round(mtime * 1_000_000)
+def to_timestamp(mtime_us: int) -> datetime:
+    """Exact: integer microseconds to timestamptz and back never disagree by a microsecond."""
+    return EPOCH + timedelta(microseconds=mtime_us)
 
 
-@dataclass(frozen=True)
+def mtime_us(value: datetime) -> int:
+    return (value - EPOCH) // timedelta(microseconds=1)
+
+
+def db_now(conn: Connection) -> datetime:
+    """PostgreSQL's clock, shared by every machine that writes rows."""
+    return conn.execute(text("SELECT clock_timestamp()")).scalar_one()
+
+
+@dataclass(frozen=True, slots=True)
 class KnownRow:
     size: int
     mtime_us: int
     status: str
     hash_algorithm: str | None
 
-    def is_current(self, f: NasFile) -> bool:
-        if self.status == "removed" or self.size != f.size or self.mtime_us != mtime_key(f.mtime):
+    def is_current(self, f: NasFile, max_file_bytes: int) -> bool:
+        if self.status == "removed" or self.size != f.size or self.mtime_us != f.mtime_us:
             return False
+        if self.status == "skipped":
+            return f.size > max_file_bytes  # a raised cap imports it
         return self.status == "failed" or self.hash_algorithm == PHASH_ALGORITHM
 
 
-def known_rows(conn: Connection, shop: str, template: str) -> dict[str, KnownRow]:
+_KNOWN = """
+    SELECT d.shop, d.template, d.path, d.size_bytes, d.mtime, d.status::text AS status, d.hash_algorithm
+    FROM design_images d
+"""
+
+
+def known_rows(conn: Connection, partitions: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, KnownRow]]:
+    """Rows of every (shop, template) given, in one query."""
+    partitions = sorted(set(partitions))
+    out: dict[tuple[str, str], dict[str, KnownRow]] = {p: {} for p in partitions}
+    if not partitions:
+        return out
     rows = conn.execute(
-        text(
-            "SELECT path, size_bytes, mtime, status::text, hash_algorithm FROM design_images "
-            "WHERE shop = :shop AND template = :template"
-        ),
-        {"shop": shop, "template": template},
+        text(_KNOWN + "JOIN unnest(CAST(:shops AS text[]), CAST(:templates AS text[])) AS p(shop, template) "
+             "ON d.shop = p.shop AND d.template = p.template"),
+        {"shops": [s for s, _ in partitions], "templates": [t for _, t in partitions]},
     )
-    return {r.path: KnownRow(r.size_bytes, mtime_key(r.mtime), r.status, r.hash_algorithm) for r in rows}
+    for r in rows:
+        out[(r.shop, r.template)][r.path] = KnownRow(r.size_bytes, mtime_us(r.mtime), r.status, r.hash_algorithm)
+    return out
 
 
-def row_for(f: NasFile, facts: ImageFacts) -> dict:
+def known_files(conn: Connection, files: Sequence[NasFile]) -> dict[tuple[str, str, str], KnownRow]:
+    """Rows of exactly these files, in one query (a retried batch skips what it committed)."""
+    if not files:
+        return {}
+    rows = conn.execute(
+        text(_KNOWN + "JOIN unnest(CAST(:shops AS text[]), CAST(:templates AS text[]), CAST(:paths AS text[])) "
+             "AS f(shop, template, path) ON d.shop = f.shop AND d.template = f.template AND d.path = f.path"),
+        {"shops": [f.shop for f in files], "templates": [f.template for f in files], "paths": [f.path for f in files]},
+    )
+    return {(r.shop, r.template, r.path): KnownRow(r.size_bytes, mtime_us(r.mtime), r.status, r.hash_algorithm)
+            for r in rows}
+
+
+def row_for(f: NasFile, facts: ImageFacts, listed_at: datetime, status: str | None = None) -> dict:
     return {
         "shop": f.shop,
         "template": f.template,
         "path": f.path,
+        "path_bytes": f.raw_path,
         "size_bytes": f.size,
-        "mtime": to_timestamp(f.mtime),
+        "mtime": to_timestamp(f.mtime_us),
         "sha256": facts.sha256,
         "phash": facts.phash,
         "hash_algorithm": PHASH_ALGORITHM if facts.phash else None,
-        "hash_size": 16 if facts.phash else None,
+        "hash_size": HASH_SIZE if facts.phash else None,
         "width": facts.width,
         "height": facts.height,
         "format": facts.format,
-        "status": "ok" if facts.ok else "failed",
+        "status": status or ("ok" if facts.ok else "failed"),
         "error": facts.error,
+        "listed_at": listed_at,
     }
 
 
-def upsert(conn: Connection, rows: Sequence[dict]) -> None:
-    """One multi-row INSERT ... ON CONFLICT per call."""
+def upsert(conn: Connection, rows: Sequence[dict]) -> int:
+    """One multi-row INSERT ... ON CONFLICT; rows written by a newer listing are left alone."""
     if not rows:
-        return
+        return 0
     stmt = insert(design_images).values(list(rows))
     excluded = stmt.excluded
     updates = {c: excluded[c] for c in rows[0] if c not in ("shop", "template", "path")}
     updates.update(imported_at=func.now(), removed_at=None)
-    conn.execute(stmt.on_conflict_do_update(constraint="design_images_shop_template_path_key", set_=updates))
+    stmt = stmt.on_conflict_do_update(
+        constraint="design_images_shop_template_path_key", set_=updates,
+        where=or_(design_images.c.listed_at.is_(None), design_images.c.listed_at <= excluded.listed_at),
+    )
+    return conn.execute(stmt).rowcount
 
 
-def mark_removed(conn: Connection, shop: str, template: str, paths: Iterable[str]) -> int:
-    paths = list(paths)
-    if not paths:
+def mark_removed(conn: Connection, removed: Sequence[tuple[str, str, str]], listed_at: datetime) -> int:
+    """Mark (shop, template, path) rows removed, unless a newer listing wrote them since."""
+    if not removed:
         return 0
-    stmt = text(
-        "UPDATE design_images SET status = 'removed', removed_at = now() "
-        "WHERE shop = :shop AND template = :template AND path IN :paths AND status <> 'removed'"
-    ).bindparams(bindparam("paths", expanding=True))
-    return conn.execute(stmt, {"shop": shop, "template": template, "paths": paths}).rowcount
+    return conn.execute(
+        text(
+            """
+            UPDATE design_images d SET status = 'removed', removed_at = now(), listed_at = :listed_at
+            FROM unnest(CAST(:shops AS text[]), CAST(:templates AS text[]), CAST(:paths AS text[]))
+                 AS r(shop, template, path)
+            WHERE d.shop = r.shop AND d.template = r.template AND d.path = r.path AND d.status <> 'removed'
+              AND (d.listed_at IS NULL OR d.listed_at <= :listed_at)
+            """
+        ),
+        {"shops": [r[0] for r in removed], "templates": [r[1] for r in removed], "paths": [r[2] for r in removed],
+         "listed_at": listed_at},
+    ).rowcount
 
 
 def link_shops(conn: Connection, shops: Iterable[str]) -> None:

@@ -8,7 +8,7 @@ The UI graph shows the migration order, and a failed op skips exactly its depend
 import dagster as dg
 
 from ..db import PostgresResource
-from ..settings import MigrationSettings
+from ..settings import get_settings
 from . import ledger, runner
 from .discovery import Migration, MigrationPlan
 
@@ -74,7 +74,7 @@ def _migration_op(m: Migration, plan: MigrationPlan) -> dg.OpDefinition:
                     description=f"Migration {m.name} needs {', '.join(missing)} applied first: run the startup job"
                 )
         try:
-            result = runner.apply_migration(engine, m, MigrationSettings.from_env(), context.run_id, context.log)
+            result = runner.apply_migration(engine, m, get_settings().migrations, context.run_id, context.log)
         except runner.MigrationError as exc:
             message = postgres.redact(str(exc))
             context.log.error(message)

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from sqlalchemy import text
+from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
+from ..db import error_line
 from ..settings import MigrationSettings
 from . import ledger
 from .discovery import Migration, MigrationPlan, dependents_of
@@ -27,6 +30,8 @@ from .discovery import Migration, MigrationPlan, dependents_of
 log = logging.getLogger("craftflow_migrations.runner")
 
 LOCK_NOT_AVAILABLE = "55P03"
+# admin_shutdown (pg_terminate_backend), crash_shutdown, cannot_connect_now
+ADMIN_TERMINATED = ("57P01", "57P02", "57P03")
 
 
 class MigrationError(RuntimeError):
@@ -35,6 +40,10 @@ class MigrationError(RuntimeError):
 
 class ChecksumDrift(MigrationError):
     pass
+
+
+class MigrationLockLost(MigrationError):
+    """The runner's session ended mid-work: it stops without applying or recording more."""
 
 
 @dataclass
@@ -70,16 +79,46 @@ def _is_lock_timeout(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "pgcode", None) == LOCK_NOT_AVAILABLE
 
 
-def _error_line(exc: BaseException) -> str:
-    if isinstance(exc, DBAPIError) and exc.orig is not None:
-        return str(exc.orig).strip().splitlines()[0]
-    return f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+def _lost_connection(exc: BaseException) -> bool:
+    """The session itself is gone (terminated, server restarted, network cut)."""
+    if not isinstance(exc, DBAPIError):
+        return False
+    return bool(exc.connection_invalidated) or getattr(exc.orig, "pgcode", None) in ADMIN_TERMINATED
+
+
+# CREATE/DROP INDEX CONCURRENTLY and REINDEX CONCURRENTLY wait for every older transaction
+# (a pg_dump, a DBA's session) through lock waits; lock_timeout must not cancel that wait,
+# which would leave an INVALID index behind. They never block the API's reads and writes.
+_WAITS_FOR_SNAPSHOTS = re.compile(r"\b(CREATE\s+(UNIQUE\s+)?INDEX|DROP\s+INDEX|REINDEX)\b[^;]*\bCONCURRENTLY\b",
+                                  re.IGNORECASE | re.DOTALL)
 
 
 def _set_timeouts(conn: Connection, settings: MigrationSettings, local: bool) -> None:
     scope = "LOCAL " if local else ""
     conn.execute(text(f"SET {scope}lock_timeout = '{int(settings.lock_timeout_s * 1000)}ms'"))
     conn.execute(text(f"SET {scope}statement_timeout = '{int(settings.statement_timeout_s * 1000)}ms'"))
+
+
+@contextmanager
+def _concurrent_builds_wait(conn: Connection, settings: MigrationSettings) -> Iterator[None]:
+    """Lift lock_timeout around each concurrent index statement of the block, then restore it."""
+    restore = f"SET lock_timeout = '{int(settings.lock_timeout_s * 1000)}ms'"
+
+    def before(_conn, cursor, statement, _params, _context, _many):
+        if _WAITS_FOR_SNAPSHOTS.search(statement):
+            cursor.execute("SET lock_timeout = 0")
+
+    def after(_conn, cursor, statement, _params, _context, _many):
+        if _WAITS_FOR_SNAPSHOTS.search(statement):
+            cursor.execute(restore)
+
+    event.listen(conn, "before_cursor_execute", before)
+    event.listen(conn, "after_cursor_execute", after)
+    try:
+        yield
+    finally:
+        event.remove(conn, "before_cursor_execute", before)
+        event.remove(conn, "after_cursor_execute", after)
 
 
 def drift_message(name: str, ledger_checksum: str, file_checksum: str) -> str:
@@ -109,24 +148,38 @@ def pending(engine: Engine, migrations: list[Migration]) -> list[str]:
     return [m.name for m in migrations if m.name not in done]
 
 
-def _upgrade_once(engine: Engine, m: Migration, settings: MigrationSettings, run_id: str | None) -> None:
+def _end_autocommit(conn: Connection, level: str) -> None:
+    # SQLAlchemy keeps a logical transaction even in AUTOCOMMIT; it must end before the level changes.
+    if conn.in_transaction():
+        conn.rollback() if conn.invalidated else conn.commit()
+    if not conn.invalidated:
+        conn.execution_options(isolation_level=level)
+
+
+def _upgrade_once(conn: Connection, m: Migration, settings: MigrationSettings, run_id: str | None,
+                  keys: list[int]) -> None:
     started = time.monotonic()
     if m.transactional:
-        with engine.connect() as conn, conn.begin():
+        with conn.begin():
             _set_timeouts(conn, settings, local=True)
             m.upgrade(conn)
+            ledger.assert_locks_held(conn, keys)
             ledger.record(conn, m, int((time.monotonic() - started) * 1000), run_id)
         return
     # Statements such as CREATE INDEX CONCURRENTLY refuse a transaction block. The file must
     # be idempotent: a crash between its last statement and the ledger row re-runs it.
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+    default_level = conn.default_isolation_level
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
         _set_timeouts(conn, settings, local=False)
-        try:
+        with _concurrent_builds_wait(conn, settings):
             m.upgrade(conn)
-        finally:
-            conn.execute(text("RESET lock_timeout"))
-            conn.execute(text("RESET statement_timeout"))
-    with engine.begin() as conn:
+        conn.execute(text("RESET lock_timeout"))
+        conn.execute(text("RESET statement_timeout"))
+    finally:
+        _end_autocommit(conn, default_level)
+    with conn.begin():
+        ledger.assert_locks_held(conn, keys)
         ledger.record(conn, m, int((time.monotonic() - started) * 1000), run_id)
 
 
@@ -150,6 +203,12 @@ def _with_lock_retries(action: Callable[[], None], name: str, settings: Migratio
             time.sleep(delay)
 
 
+def _lost_message(name: str, doing: str, exc: BaseException) -> str:
+    return (f"Migration runner lost its PostgreSQL session (and with it the migration lock) while {doing} "
+            f"{name}: {error_line(exc)}. This runner applied and recorded nothing more; re-run craftflow-migrate "
+            "(a runner that took over may already have finished)")
+
+
 def apply_migration(engine: Engine, m: Migration, settings: MigrationSettings,
                     run_id: str | None = None, logger: logging.Logger | None = None) -> ApplyResult:
     """Apply ``m`` unless it is already recorded. Raises :class:`MigrationError` on failure."""
@@ -158,18 +217,35 @@ def apply_migration(engine: Engine, m: Migration, settings: MigrationSettings,
         raise MigrationError(m.load_error)
     started = time.monotonic()
     ledger.ensure_ledger_table(engine)
-    with ledger.runner_lock(engine, settings.runner_lock_wait_s, key=lock_key_for(m)):
-        with engine.begin() as conn:
+    keys = [lock_key_for(m)]
+    try:
+        with ledger.runner_session(engine, settings.runner_lock_wait_s, keys) as conn:
+            # Pending work is decided only now, under the lock.
             row = ledger.applied(conn).get(m.name)
-        if row is not None:
-            if row.checksum != m.checksum:
-                raise ChecksumDrift(drift_message(m.name, row.checksum, m.checksum))
-            return ApplyResult(m.name, "skipped")
-        logger.info(f"Applying migration {m.name} ({m.kind}{', non-transactional' if not m.transactional else ''})")
-        try:
-            attempts = _with_lock_retries(lambda: _upgrade_once(engine, m, settings, run_id), m.name, settings, logger)
-        except Exception as exc:
-            raise MigrationError(f"Migration failed: {m.name}: {_error_line(exc)}") from exc
+            conn.commit()
+            if row is not None:
+                if row.checksum != m.checksum:
+                    raise ChecksumDrift(drift_message(m.name, row.checksum, m.checksum))
+                return ApplyResult(m.name, "skipped")
+            logger.info(f"Applying migration {m.name} ({m.kind}"
+                        f"{', non-transactional' if not m.transactional else ''})")
+            try:
+                attempts = _with_lock_retries(lambda: _upgrade_once(conn, m, settings, run_id, keys),
+                                              m.name, settings, logger)
+            except ledger.RunnerLockLost as exc:
+                raise MigrationLockLost(f"{exc} (while applying {m.name})") from None
+            except MigrationError:
+                raise
+            except Exception as exc:
+                if _lost_connection(exc):
+                    raise MigrationLockLost(_lost_message(m.name, "applying", exc)) from None
+                raise MigrationError(f"Migration failed: {m.name}: {error_line(exc)}") from exc
+    except ledger.RunnerLockTimeout as exc:
+        raise MigrationError(str(exc)) from None
+    except DBAPIError as exc:
+        if _lost_connection(exc):
+            raise MigrationLockLost(_lost_message(m.name, "locking for", exc)) from None
+        raise MigrationError(f"Migration failed: {m.name}: {error_line(exc)}") from None
     duration = time.monotonic() - started
     logger.info(f"Applied migration {m.name} in {duration:.2f}s")
     return ApplyResult(m.name, "applied", duration, attempts)
@@ -200,48 +276,81 @@ def run_pending(engine: Engine, plan: MigrationPlan, kind: str, settings: Migrat
 
 def downgrade_to(engine: Engine, plan: MigrationPlan, target: str, settings: MigrationSettings,
                  logger: logging.Logger | None = None) -> list[str]:
-    """Roll back every applied migration after ``target``, newest first. Returns their names."""
+    """Roll back every migration applied after ``target``, in reverse of the ledger's order.
+
+    The order is the one the ledger recorded, not the files' order: a migration applied
+    later (a complex one, a file added after others ran) is undone first. The locks of every
+    kind being undone are held for the whole downgrade.
+    """
     logger = logger or log
     plan.raise_for_errors()
-    names = [m.name for m in plan.migrations]
-    if target not in names:
-        raise MigrationError(f"Cannot downgrade to {target}: no such migration (known: {', '.join(names)})")
-    with ledger.runner_lock(engine, settings.runner_lock_wait_s):
-        with engine.connect() as conn:
-            rows = ledger.applied(conn)
-        if target not in rows:
-            raise MigrationError(f"Cannot downgrade to {target}: it is not applied")
-        after = plan.migrations[names.index(target) + 1:]
-        to_undo = [m for m in reversed(after) if m.name in rows]
-        missing = [m.name for m in to_undo if not m.has_downgrade]
-        if missing:
-            raise MigrationError(
-                f"Cannot downgrade to {target}: {', '.join(missing)} has no downgrade(connection); "
-                "write one or restore from a backup"
-            )
-        done: list[str] = []
-        for m in to_undo:
-            logger.info(f"Downgrading migration {m.name}")
-
-            def undo(m: Migration = m) -> None:
-                if m.transactional:
-                    with engine.connect() as conn, conn.begin():
-                        _set_timeouts(conn, settings, local=True)
-                        m.downgrade(conn)
-                        ledger.forget(conn, m.name)
-                else:
-                    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                        _set_timeouts(conn, settings, local=False)
-                        m.downgrade(conn)
-                    with engine.begin() as conn:
-                        ledger.forget(conn, m.name)
-
-            try:
-                _with_lock_retries(undo, m.name, settings, logger)
-            except Exception as exc:
+    by_name = plan.by_name()
+    if target not in by_name:
+        raise MigrationError(f"Cannot downgrade to {target}: no such migration (known: {', '.join(by_name)})")
+    ledger.ensure_ledger_table(engine)
+    with engine.connect() as conn:
+        order = list(ledger.applied(conn))
+    if target not in order:
+        raise MigrationError(f"Cannot downgrade to {target}: it is not applied")
+    keys = {ledger.RUNNER_LOCK_KEY} | {lock_key_for(by_name[n]) for n in order[order.index(target) + 1:]
+                                       if n in by_name}
+    try:
+        with ledger.runner_session(engine, settings.runner_lock_wait_s, sorted(keys)) as conn:
+            # Under the locks: what is applied now, in the order it was applied.
+            order = list(ledger.applied(conn))
+            conn.commit()
+            if target not in order:
+                raise MigrationError(f"Cannot downgrade to {target}: it is not applied")
+            after = order[order.index(target) + 1:]
+            unknown = [n for n in after if n not in by_name]
+            if unknown:
+                raise MigrationError(f"Cannot downgrade to {target}: {', '.join(unknown)} is applied but its file "
+                                     "is gone; restore the file first")
+            to_undo = [by_name[n] for n in reversed(after)]
+            missing = [m.name for m in to_undo if not m.has_downgrade]
+            if missing:
                 raise MigrationError(
-                    f"Downgrade failed: {m.name}: {_error_line(exc)} (rolled back; already undone: "
-                    f"{', '.join(done) or 'none'})"
-                ) from exc
-            done.append(m.name)
-        return done
+                    f"Cannot downgrade to {target}: {', '.join(missing)} has no downgrade(connection); "
+                    "write one or restore from a backup"
+                )
+            done: list[str] = []
+            for m in to_undo:
+                logger.info(f"Downgrading migration {m.name}")
+
+                def undo(m: Migration = m) -> None:
+                    if m.transactional:
+                        with conn.begin():
+                            _set_timeouts(conn, settings, local=True)
+                            m.downgrade(conn)
+                            ledger.assert_locks_held(conn, sorted(keys))
+                            ledger.forget(conn, m.name)
+                        return
+                    default_level = conn.default_isolation_level
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
+                    try:
+                        _set_timeouts(conn, settings, local=False)
+                        with _concurrent_builds_wait(conn, settings):
+                            m.downgrade(conn)
+                        conn.execute(text("RESET lock_timeout"))
+                        conn.execute(text("RESET statement_timeout"))
+                    finally:
+                        _end_autocommit(conn, default_level)
+                    with conn.begin():
+                        ledger.assert_locks_held(conn, sorted(keys))
+                        ledger.forget(conn, m.name)
+
+                try:
+                    _with_lock_retries(undo, m.name, settings, logger)
+                except ledger.RunnerLockLost as exc:
+                    raise MigrationLockLost(f"{exc} (while downgrading {m.name})") from None
+                except Exception as exc:
+                    if _lost_connection(exc):
+                        raise MigrationLockLost(_lost_message(m.name, "downgrading", exc)) from None
+                    raise MigrationError(
+                        f"Downgrade failed: {m.name}: {error_line(exc)} (rolled back; already undone: "
+                        f"{', '.join(done) or 'none'})"
+                    ) from exc
+                done.append(m.name)
+            return done
+    except ledger.RunnerLockTimeout as exc:
+        raise MigrationError(str(exc)) from None

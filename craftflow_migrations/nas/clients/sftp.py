@@ -1,27 +1,28 @@
-"""Read the NAS: an SFTP backend (a QNAP over SSH) and a local-folder backend, one interface.
+"""A QNAP (or any OpenSSH server) over SFTP, with host-key verification.
 
-Listing uses one READDIR exchange per folder (``listdir_attr``), never a stat per file.
-Reads are pipelined (``prefetch``), which is what makes paramiko fast: a plain
-``SFTPFile.read()`` waits for each 32 KB request in turn. The rest of the speed comes from
-spending less Python per byte: 255 KB read requests instead of 32 KB, chunks handed over
-whole instead of sliced 8 KB at a time, and AES-GCM (one AEAD pass) ahead of AES-CTR plus
-a separate HMAC when the server offers it.
+Listing uses one READDIR exchange per folder, never a stat per file, and keeps names as
+the bytes the server sends (paramiko's own ``listdir_attr`` decodes them as UTF-8 and fails
+on a Latin-1 name). Reads are pipelined (``prefetch``), which is what makes paramiko fast:
+a plain ``SFTPFile.read()`` waits for each 32 KB request in turn. The rest of the speed comes
+from spending less Python per byte: 255 KB read requests instead of 32 KB, chunks handed over
+whole instead of sliced 8 KB at a time, and AES-GCM (one AEAD pass) ahead of AES-CTR plus a
+separate HMAC when the server offers it.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import os
 import posixpath
 import socket
 import stat
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
 
 import paramiko
+from paramiko.sftp import CMD_CLOSE, CMD_HANDLE, CMD_NAME, CMD_OPENDIR, CMD_READDIR, CMD_REALPATH
+
+from .base import Entry, HostKeyError, NasClient, NasError
 
 # Large windows keep many requests in flight on a fast link; OpenSSH's sftp does the same.
 WINDOW_SIZE = 64 * 1024 * 1024
@@ -30,119 +31,6 @@ MAX_PACKET_SIZE = 256 * 1024
 # loopback, client + sshd CPU: 32 KB requests 4.8 s, 128 KB 2.2-2.8 s, 255 KB 2.1-2.5 s.
 READ_REQUEST_SIZE = 255 * 1024
 FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
-
-
-class NasError(RuntimeError):
-    """The NAS cannot be reached or read; the message names the host and what to do."""
-
-
-class HostKeyError(NasError):
-    pass
-
-
-@dataclass(frozen=True)
-class NasFile:
-    """A file under the base path; ``path`` is relative to the base, with '/' separators."""
-
-    shop: str
-    template: str
-    path: str
-    size: int
-    mtime: float
-
-
-def is_hidden(name: str) -> bool:
-    # QNAP keeps its own bookkeeping in @Recently-Snapshot, .@__thumb and friends.
-    return name.startswith((".", "@", "#recycle"))
-
-
-def split_partition_key(key: str) -> tuple[str, str]:
-    shop, sep, template = key.partition("/")
-    if not sep or not shop or not template:
-        raise ValueError(f"Partition key {key!r} is not of the form <shop>/<template>")
-    return shop, template
-
-
-def partition_key(shop: str, template: str) -> str:
-    return f"{shop}/{template}"
-
-
-# Dagster refuses these inside partition keys ("..." is its range syntax).
-_BAD_IN_KEYS = ("...", "\a", "\b", "\f", "\n", "\r", "\t", "\v", "\0")
-
-
-def unusable_name(name: str) -> str | None:
-    """Why a folder name cannot be a partition key part, or None when it can."""
-    for bad in _BAD_IN_KEYS:
-        if bad in name:
-            return f"folder name {name!r} contains {bad!r}, which Dagster partition keys cannot hold; rename it"
-    return None
-
-
-class NasClient(Protocol):
-    description: str
-
-    def list_partitions(self) -> list[tuple[str, str]]: ...
-
-    def list_files(self, shop: str, template: str) -> list[NasFile]: ...
-
-    def read(self, path: str) -> bytes: ...
-
-    def close(self) -> None: ...
-
-
-class LocalNasClient:
-    """A NAS mounted over SMB/NFS, or a plain folder for demos and tests."""
-
-    def __init__(self, base_path: str | os.PathLike[str]):
-        self.base = Path(base_path)
-        if not self.base.is_dir():
-            raise NasError(f"NAS_BASE_PATH {str(self.base)!r} is not a folder on this machine")
-        self.real_base = self.base.resolve()
-        self.description = f"local folder {self.base}"
-
-    def _inside(self, path: Path) -> bool:
-        return path.resolve().is_relative_to(self.real_base)
-
-    def _subdirs(self, path: Path) -> list[str]:
-        out = []
-        with os.scandir(path) as entries:
-            for e in entries:
-                if not is_hidden(e.name) and e.is_dir() and self._inside(Path(e.path)):
-                    out.append(e.name)
-        return sorted(out)
-
-    def list_partitions(self) -> list[tuple[str, str]]:
-        return [(s, t) for s in self._subdirs(self.base) for t in self._subdirs(self.base / s)]
-
-    def list_files(self, shop: str, template: str) -> list[NasFile]:
-        root = self.base / shop / template
-        out: list[NasFile] = []
-
-        def walk(folder: Path) -> None:
-            with os.scandir(folder) as entries:
-                for e in entries:
-                    if is_hidden(e.name):
-                        continue
-                    p = Path(e.path)
-                    if e.is_symlink() and not self._inside(p):
-                        continue
-                    if e.is_dir():
-                        walk(p)
-                    elif e.is_file():
-                        st = e.stat()
-                        rel = p.relative_to(self.base).as_posix()
-                        out.append(NasFile(shop, template, rel, st.st_size, st.st_mtime))
-
-        if root.is_dir():
-            walk(root)
-        return sorted(out, key=lambda f: f.path)
-
-    def read(self, path: str) -> bytes:
-        return (self.base / path).read_bytes()
-
-    def close(self) -> None:
-        pass
 
 
 class BufferedSocket:
@@ -227,18 +115,20 @@ def verify_host_key(host: str, port: int, key: paramiko.PKey, known_hosts: str |
         )
 
 
-class SftpNasClient:
+class SftpNasClient(NasClient):
     """A QNAP (or any OpenSSH server) over SFTP, with host-key verification."""
 
     def __init__(self, host: str, port: int, username: str, base_path: str, password: str | None = None,
                  key_file: str | None = None, known_hosts: str | None = None,
                  host_key_fingerprint: str | None = None, timeout: float = 15.0):
-        self.host, self.port, self.base = host, port, base_path.rstrip("/") or "/"
-        self.description = f"sftp://{username}@{host}:{port}{self.base}"
+        self.host, self.port = host, port
+        self.base = os.fsencode(base_path.rstrip("/") or "/")
+        self.description = f"sftp://{username}@{host}:{port}{base_path}"
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise NasError(f"Cannot reach NAS {host}:{port}: {exc} (check QNAP_HOST and QNAP_PORT)") from None
+            raise NasError(f"Cannot reach NAS {host}:{port}: {exc.strerror or exc} "
+                           "(check QNAP_HOST and QNAP_PORT, and that the NAS is on)") from None
         transport = paramiko.Transport(BufferedSocket(sock), default_window_size=WINDOW_SIZE,
                                        default_max_packet_size=MAX_PACKET_SIZE)
         options = transport.get_security_options()
@@ -272,72 +162,74 @@ class SftpNasClient:
                 f"NAS {host}:{port} refused the login of {username!r}: check QNAP_USERNAME and "
                 "QNAP_PASSWORD (or QNAP_KEY_FILE)"
             ) from None
-        except paramiko.SSHException as exc:
+        except (paramiko.SSHException, EOFError, OSError) as exc:
             transport.close()
-            raise NasError(f"SSH handshake with NAS {host}:{port} failed: {exc}") from None
+            raise NasError(f"SSH handshake with NAS {host}:{port} failed: {exc or type(exc).__name__} "
+                           "(check QNAP_HOST and QNAP_PORT point at the NAS's SSH service)") from None
         except BaseException:
             transport.close()
             raise
         self.transport = transport
         self.sftp.get_channel().settimeout(timeout * 4)
-        self._real_base = self.sftp.normalize(self.base)
-
-    def _abs(self, rel: str) -> str:
-        return posixpath.join(self.base, rel)
-
-    def _inside(self, path: str) -> bool:
         try:
-            real = self.sftp.normalize(path)
-        except OSError:
-            return False
-        return real == self._real_base or real.startswith(self._real_base.rstrip("/") + "/")
+            self._real_base = self._realpath(self.base)
+        except OSError as exc:
+            self.close()
+            why = "does not exist" if exc.errno == errno.ENOENT else f"cannot be read ({exc.strerror or exc})"
+            raise NasError(f"NAS_BASE_PATH {base_path!r} {why} on {host}:{port}: check NAS_BASE_PATH") from None
 
-    def _entries(self, path: str) -> Iterator[tuple[str, paramiko.SFTPAttributes]]:
-        """(name, attributes) of a folder, following symlinks that stay inside the base."""
-        for attr in self.sftp.listdir_attr(path):
-            if is_hidden(attr.filename):
-                continue
-            full = posixpath.join(path, attr.filename)
-            if stat.S_ISLNK(attr.st_mode or 0):
-                if not self._inside(full):
-                    continue
+    def _abs(self, rel: bytes) -> bytes:
+        return posixpath.join(self.base, rel) if rel else self.base
+
+    def _realpath(self, path: bytes) -> bytes:
+        t, msg = self.sftp._request(CMD_REALPATH, path)
+        if t != CMD_NAME or msg.get_int() != 1:
+            raise OSError(errno.EIO, "unexpected answer to REALPATH")
+        return msg.get_string()
+
+    def scandir(self, rel: bytes) -> list[Entry]:
+        t, msg = self.sftp._request(CMD_OPENDIR, self._abs(rel))
+        if t != CMD_HANDLE:
+            raise OSError(errno.EIO, "unexpected answer to OPENDIR")
+        handle = msg.get_binary()
+        out = []
+        try:
+            while True:
                 try:
-                    attr = self.sftp.stat(full)
-                except OSError:
-                    continue
-                attr.filename = posixpath.basename(full)
-            yield attr.filename, attr
+                    t, msg = self.sftp._request(CMD_READDIR, handle)
+                except EOFError:
+                    break
+                if t != CMD_NAME:
+                    raise OSError(errno.EIO, "unexpected answer to READDIR")
+                for _ in range(msg.get_int()):
+                    name = msg.get_string()  # bytes: not every name on a NAS is UTF-8
+                    msg.get_string()  # longname
+                    attr = paramiko.SFTPAttributes._from_msg(msg)
+                    if name in (b".", b".."):
+                        continue
+                    mode = attr.st_mode or 0
+                    kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
+                            else "file" if stat.S_ISREG(mode) else "other")
+                    # SFTP v3 carries whole seconds.
+                    out.append(Entry(name, kind, attr.st_size or 0, int(attr.st_mtime or 0) * 1_000_000))
+        finally:
+            self.sftp._request(CMD_CLOSE, handle)
+        return out
 
-    def _subdirs(self, path: str) -> list[str]:
-        return sorted(n for n, a in self._entries(path) if stat.S_ISDIR(a.st_mode or 0))
-
-    def list_partitions(self) -> list[tuple[str, str]]:
+    def resolve(self, rel: bytes) -> bytes | None:
         try:
-            shops = self._subdirs(self.base)
-        except FileNotFoundError:
-            raise NasError(f"NAS_BASE_PATH {self.base!r} does not exist on {self.host}") from None
-        return [(s, t) for s in shops for t in self._subdirs(posixpath.join(self.base, s))]
+            real = self._realpath(self._abs(rel))
+            # OpenSSH resolves only existing paths; a dangling link or a loop fails here.
+            self.sftp.stat(real)
+        except OSError:
+            return None
+        return posixpath.relpath(real, self._real_base)
 
-    def list_files(self, shop: str, template: str) -> list[NasFile]:
-        out: list[NasFile] = []
-        stack = [posixpath.join(self.base, shop, template)]
-        while stack:
-            folder = stack.pop()
-            try:
-                entries = list(self._entries(folder))
-            except FileNotFoundError:
-                continue
-            for name, attr in entries:
-                full = posixpath.join(folder, name)
-                if stat.S_ISDIR(attr.st_mode or 0):
-                    stack.append(full)
-                elif stat.S_ISREG(attr.st_mode or 0):
-                    rel = posixpath.relpath(full, self.base)
-                    out.append(NasFile(shop, template, rel, attr.st_size or 0, float(attr.st_mtime or 0)))
-        return sorted(out, key=lambda f: f.path)
+    def connected(self) -> bool:
+        return self.transport.is_active()
 
-    def read(self, path: str) -> bytes:
-        with self.sftp.open(self._abs(path), "rb") as fh:
+    def read(self, rel: bytes) -> bytes:
+        with self.sftp.open(self._abs(rel), "rb") as fh:
             size = fh.stat().st_size or 0
             if size == 0:
                 return b""

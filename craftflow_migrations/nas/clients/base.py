@@ -1,0 +1,59 @@
+"""The interface every NAS backend implements: list one folder, read one file, by raw path.
+
+Paths are bytes relative to the base path, with ``/`` separators: names on a NAS are bytes,
+and not every name is UTF-8. What to do with each entry (hidden names, links, loops,
+unreadable folders) is decided once, in ``listing.py``, for every backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Literal
+
+
+class NasError(RuntimeError):
+    """The NAS cannot be reached or read; the message names the host and what to do."""
+
+
+class HostKeyError(NasError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One folder entry, as ``lstat`` sees it: a link is a link, never what it points to."""
+
+    name: bytes
+    kind: Literal["file", "dir", "link", "other"]
+    size: int
+    mtime_us: int  # microseconds since the epoch: PostgreSQL's precision, compared as integers
+
+
+class NasClient(ABC):
+    description: str
+
+    @abstractmethod
+    def scandir(self, rel: bytes) -> list[Entry]:
+        """The entries of one folder (``b""`` is the base). Raises ``OSError`` for that folder."""
+
+    @abstractmethod
+    def read(self, rel: bytes) -> bytes:
+        """A whole file. ``OSError`` for that file; :class:`NasError` when the NAS is gone."""
+
+    @abstractmethod
+    def resolve(self, rel: bytes) -> bytes | None:
+        """Where a link leads, relative to the base (``b"../x"`` when outside); None if broken or a loop."""
+
+    def connected(self) -> bool:
+        """Whether the connection still works (a failed read is then the file's fault)."""
+        return True
+
+    def close(self) -> None:  # noqa: B027 - a local folder has nothing to close
+        """Release the connection, if the backend has one."""
+
+    def __enter__(self) -> NasClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,217 @@
+"""List the NAS: ``<base>/<shop>/<template>/`` folders and every file under them.
+
+Every entry a decade-old share can hold is decided here, once, for every backend:
+
+- names that are not UTF-8 are kept as bytes and stored in the documented text form
+  (``names.py``); names with newlines, quotes, ``%``, backslashes are kept exactly;
+- hidden entries (``.DS_Store``, ``@Recycle``, ``.@__thumb``) are ignored;
+- **symbolic links are never followed**. Every real file under the base is reached by the
+  walk itself, so following a link could only import a file a second time (an alias), leave
+  the base, or loop (``loop -> .``). Each link is recorded with where it leads;
+- a folder or file that cannot be read is recorded with the reason, and rows already imported
+  from under an unreadable folder are kept, never marked removed;
+- two names that end up with the same text (or the same partition key) are recorded, not
+  merged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .clients.base import NasClient, NasError
+from .names import is_hidden, is_utf8, partition_key, shown, text_of
+
+log = logging.getLogger("craftflow_migrations.nas")
+
+
+@dataclass(frozen=True, slots=True)
+class NasFile:
+    """A file under the base path. ``path`` is the stored text, relative to the base."""
+
+    shop: str
+    template: str
+    path: str
+    size: int
+    mtime_us: int
+    raw_path: bytes | None = None  # the exact bytes, only when the path is not UTF-8
+
+    @property
+    def rel(self) -> bytes:
+        return self.raw_path if self.raw_path is not None else self.path.encode()
+
+    @property
+    def key(self) -> str:
+        return partition_key(self.shop, self.template)
+
+
+@dataclass(frozen=True, slots=True)
+class ListingProblem:
+    path: str  # stored text, relative to the base
+    reason: str
+
+    def line(self) -> str:
+        return f"{shown(self.path)}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionFolder:
+    key: str
+    shop: str
+    template: str
+    raw: bytes  # relative path of the folder, exact bytes
+
+
+@dataclass
+class PartitionListing:
+    folder: PartitionFolder
+    files: list[NasFile] = field(default_factory=list)
+    problems: list[ListingProblem] = field(default_factory=list)
+    # Folders (stored text, relative to the base) that could not be listed: rows under them stay.
+    unlisted: list[str] = field(default_factory=list)
+    missing: bool = False  # the folder itself is gone from the NAS
+
+    @property
+    def key(self) -> str:
+        return self.folder.key
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of every file's path, size and mtime, and of what could not be listed."""
+        digest = hashlib.sha256()
+        for f in self.files:
+            digest.update(f"{f.path}\0{f.size}\0{f.mtime_us}\n".encode("utf-8", "surrogatepass"))
+        for p in self.problems:
+            digest.update(f"!{p.path}\0{p.reason}\n".encode("utf-8", "surrogatepass"))
+        return digest.hexdigest()[:32]
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return parent + b"/" + name if parent else name
+
+
+def _why(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__
+
+
+def _link_problem(client: NasClient, rel: bytes) -> str:
+    target = client.resolve(rel)
+    if target is None:
+        return "symbolic link that is broken or loops; not followed"
+    if target == b".." or target.startswith(b"../"):
+        return "symbolic link to outside NAS_BASE_PATH; ignored"
+    parent = rel.rpartition(b"/")[0]
+    if target == b"." or parent == target or parent.startswith(target + b"/"):
+        return f"symbolic link loop (to {shown(target)}); not followed"
+    return f"symbolic link to {shown(target)}, imported under its own path; not followed"
+
+
+def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], list[ListingProblem]]:
+    """Every ``<shop>/<template>`` folder, sorted by key, and what could not be listed."""
+    try:
+        shops = client.scandir(b"")
+    except OSError as exc:
+        raise NasError(f"Cannot list NAS_BASE_PATH on {client.description}: {_why(exc)} "
+                       "(check NAS_BASE_PATH and the NAS user's permissions)") from None
+    folders: dict[str, PartitionFolder] = {}
+    problems: list[ListingProblem] = []
+    for shop in sorted(shops, key=lambda e: e.name):
+        if is_hidden(shop.name):
+            continue
+        if shop.kind == "link":
+            problems.append(ListingProblem(text_of(shop.name), _link_problem(client, shop.name)))
+            continue
+        if shop.kind != "dir":
+            continue
+        try:
+            templates = client.scandir(shop.name)
+        except OSError as exc:
+            problems.append(ListingProblem(text_of(shop.name), f"shop folder could not be listed: {_why(exc)}"))
+            continue
+        for template in sorted(templates, key=lambda e: e.name):
+            rel = _join(shop.name, template.name)
+            if is_hidden(template.name):
+                continue
+            if template.kind == "link":
+                problems.append(ListingProblem(text_of(rel), _link_problem(client, rel)))
+                continue
+            if template.kind != "dir":
+                continue
+            folder = PartitionFolder(partition_key(text_of(shop.name), text_of(template.name)),
+                                     text_of(shop.name), text_of(template.name), rel)
+            if folder.key in folders:
+                problems.append(ListingProblem(text_of(rel), f"folder has the same partition key as "
+                                               f"{shown(folders[folder.key].raw)}; rename one of them"))
+                continue
+            folders[folder.key] = folder
+    return sorted(folders.values(), key=lambda f: f.key), problems
+
+
+def list_partition(client: NasClient, folder: PartitionFolder) -> PartitionListing:
+    """Every file under one partition folder, without following links."""
+    listing = PartitionListing(folder)
+    seen: dict[str, bytes] = {}
+    stack = [folder.raw]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = client.scandir(rel)
+        except OSError as exc:
+            if rel == folder.raw and exc.errno == errno.ENOENT:
+                listing.missing = True
+                return listing
+            listing.problems.append(ListingProblem(text_of(rel), f"folder could not be listed: {_why(exc)}"))
+            listing.unlisted.append(text_of(rel))
+            continue
+        for e in entries:
+            if is_hidden(e.name):
+                continue
+            child = _join(rel, e.name)
+            if e.kind == "dir":
+                stack.append(child)
+            elif e.kind == "link":
+                listing.problems.append(ListingProblem(text_of(child), _link_problem(client, child)))
+            elif e.kind == "other":
+                listing.problems.append(ListingProblem(text_of(child), "not a regular file or folder; skipped"))
+            else:
+                text = text_of(child)
+                if text in seen:
+                    listing.problems.append(ListingProblem(
+                        text, "name is not UTF-8 and its stored form equals another file's name; rename it"))
+                    continue
+                seen[text] = child
+                listing.files.append(NasFile(folder.shop, folder.template, text, e.size, e.mtime_us,
+                                             None if is_utf8(child) else child))
+    listing.files.sort(key=lambda f: f.path)
+    return listing
+
+
+def list_nas(client: NasClient, keys: Sequence[str] | None = None,
+             logger: logging.Logger | None = None) -> tuple[dict[str, PartitionListing], list[ListingProblem]]:
+    """List every partition (or those of ``keys``), over one connection.
+
+    A requested key whose folder is no longer on the NAS comes back ``missing``.
+    """
+    logger = logger or log
+    folders, problems = list_partition_folders(client)
+    by_key = {f.key: f for f in folders}
+    wanted: Iterable[str] = by_key if keys is None else keys
+    out: dict[str, PartitionListing] = {}
+    for key in wanted:
+        folder = by_key.get(key)
+        if folder is None:
+            out[key] = PartitionListing(PartitionFolder(key, *_key_texts(key), b""), missing=True)
+            continue
+        out[key] = list_partition(client, folder)
+    for p in problems:
+        logger.warning(f"NAS listing: {p.line()}")
+    return out, problems
+
+
+def _key_texts(key: str) -> tuple[str, str]:
+    from .names import split_partition_key
+
+    return split_partition_key(key)

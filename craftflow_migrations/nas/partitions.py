@@ -1,0 +1,67 @@
+"""What Dagster knows of each <shop>/<template> partition: last import, runs in flight.
+
+The worker and the scan sensor decide what to import the same way: a partition whose
+listing fingerprint differs from the one on its latest materialization, and that no queued
+or running import already covers. A failed run leaves no materialization, so its folder is
+requested again on the next tick instead of waiting for the folder to change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import dagster as dg
+
+from .ranges import RANGE_END_TAG, RANGE_START_TAG
+
+DESIGN_IMAGES = dg.AssetKey("design_images")
+NAS_IMPORT_JOB = "nas_import"
+_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED]
+
+
+def _plain(metadata: Mapping) -> dict:
+    return {k: getattr(v, "value", v) for k, v in metadata.items()}
+
+
+def last_fingerprints(instance: dg.DagsterInstance, keys: Sequence[str]) -> dict[str, str]:
+    """Listing fingerprint of each partition's latest materialization (absent: never imported).
+
+    Two queries whatever the number of folders (a query per partition took minutes at tens
+    of thousands): the latest materialization's storage id per partition, then those records.
+    """
+    latest = instance.get_latest_storage_id_by_partition(DESIGN_IMAGES, dg.DagsterEventType.ASSET_MATERIALIZATION,
+                                                         set(keys))
+    ids = sorted(latest.values())
+    out: dict[str, str] = {}
+    for start in range(0, len(ids), 1000):  # SQLite caps the variables of one statement
+        chunk = ids[start:start + 1000]
+        records = instance.fetch_materializations(dg.AssetRecordsFilter(DESIGN_IMAGES, storage_ids=chunk),
+                                                  limit=len(chunk)).records
+        for record in records:
+            mat = record.asset_materialization
+            fingerprint = _plain(mat.metadata).get("listing_fingerprint")
+            if mat.partition is not None and fingerprint:
+                out[mat.partition] = fingerprint
+    return out
+
+
+def partitions_in_flight(instance: dg.DagsterInstance, order: Sequence[str]) -> set[str]:
+    """Partitions that a queued or running import already covers (single keys and ranges)."""
+    position = {k: i for i, k in enumerate(order)}
+    out: set[str] = set()
+    for run in instance.get_runs(dg.RunsFilter(job_name=NAS_IMPORT_JOB, statuses=_IN_FLIGHT)):
+        tags = run.tags
+        if "dagster/partition" in tags:
+            out.add(tags["dagster/partition"])
+        elif tags.get(RANGE_START_TAG) in position and tags.get(RANGE_END_TAG) in position:
+            out.update(order[position[tags[RANGE_START_TAG]]:position[tags[RANGE_END_TAG]] + 1])
+    return out
+
+
+def partitions_to_import(instance: dg.DagsterInstance, fingerprints: Mapping[str, str], order: Sequence[str],
+                         force: bool = False) -> list[str]:
+    """New or changed partitions (all of them with ``force``) not already being imported."""
+    busy = partitions_in_flight(instance, order)
+    previous = {} if force else last_fingerprints(instance, list(fingerprints))
+    return [k for k, fp in fingerprints.items() if previous.get(k) != fp and k not in busy]
