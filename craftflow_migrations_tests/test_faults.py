@@ -1,0 +1,174 @@
+"""A production day for real: racing deploys, a DBA's long transaction, terminated sessions.
+
+Real processes, real PostgreSQL; every test asserts the database's end state.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+
+from sqlalchemy import text
+
+from craftflow_migrations.db import get_engine
+from craftflow_migrations.duplicates import store as dup_store
+from craftflow_migrations.duplicates.grouping import find_groups
+from craftflow_migrations.nas import store
+from craftflow_migrations.nas.hashing import ImageFacts
+from craftflow_migrations.nas.listing import NasFile
+from craftflow_migrations.schema import ledger
+from craftflow_migrations.schema.discovery import discover
+from craftflow_migrations.schema.helpers import index_state
+from craftflow_migrations.schema.runner import run_pending
+from craftflow_migrations.settings import MigrationSettings
+
+from .conftest import cli_env
+
+CLI = [sys.executable, "-m", "craftflow_migrations.cli"]
+FAST = MigrationSettings(lock_timeout_s=0.2, statement_timeout_s=60, lock_retries=12, runner_lock_wait_s=60)
+
+
+def _wait_for(engine, sql: str, params: dict | None = None, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            value = conn.execute(text(sql), params or {}).scalar()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {sql}")
+
+
+def test_terminated_runner_session_stops_and_a_second_runner_applies_once(database_url, dagster_home, tmp_path):
+    """The runner's session is terminated mid-migration while a second deploy waits for the lock."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a_log.py").write_text(
+        "from sqlalchemy import text\nDEPENDS_ON = []\n"
+        "def upgrade(connection):\n"
+        "    connection.execute(text('CREATE TABLE IF NOT EXISTS applied_log (name text, at timestamptz DEFAULT now())'))\n"
+    )
+    # Non-transactional and slow: the case where applying twice used to happen.
+    (folder / "b_slow_non_transactional.py").write_text(
+        "from sqlalchemy import text\nDEPENDS_ON = ['a_log']\nTRANSACTIONAL = False\n"
+        "def upgrade(connection):\n"
+        "    connection.execute(text('SELECT pg_sleep(4)'))\n"
+        "    connection.execute(text(\"INSERT INTO applied_log (name) VALUES ('b')\"))\n"
+    )
+    env = cli_env(MIGRATION_MODE="startup", CRAFTFLOW_MIGRATIONS_DIR=str(folder))
+    engine = get_engine(database_url)
+    first = subprocess.Popen(CLI, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid = _wait_for(engine, "SELECT pid FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(4)%' "
+                            "AND datname = current_database()")
+    second = subprocess.Popen(CLI, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # the second runner is up and polling for the lock
+    with engine.connect() as conn:
+        holder = conn.execute(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")).scalars().all()
+        assert holder == [pid]  # the lock is held by the very session that runs the migration
+        conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    out1, err1 = first.communicate(timeout=120)
+    out2, err2 = second.communicate(timeout=120)
+    assert first.returncode == 1, out1 + err1
+    assert "lost its PostgreSQL session (and with it the migration lock) while applying b_slow_non_transactional" \
+        in out1
+    assert "Traceback" not in out1
+    assert second.returncode == 0, out2 + err2
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM applied_log WHERE name = 'b'")).scalar() == 1
+        counts = dict(conn.execute(text(
+            f"SELECT name, count(*) FROM {ledger.LEDGER_TABLE} GROUP BY name")).all())
+    assert counts == {"a_log": 1, "b_slow_non_transactional": 1}
+
+
+def test_long_transaction_migration_gives_way_and_concurrent_index_is_not_cancelled(engine, tmp_path):
+    """A DBA's transaction (or a pg_dump) stays open for seconds: DDL retries, CIC waits it out."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE busy (id int)"))
+        conn.execute(text("CREATE TABLE other (id int, code text)"))
+        conn.execute(text("INSERT INTO other SELECT i, i::text FROM generate_series(1, 1000) i"))
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "a_index_other.py").write_text(
+        "from craftflow_migrations.schema.helpers import create_index_concurrently\n"
+        "DEPENDS_ON = []\nTRANSACTIONAL = False\n"
+        "def upgrade(connection):\n"
+        "    create_index_concurrently(connection, 'other_code_idx', 'other', 'code')\n"
+    )
+    (folder / "b_alter_busy.py").write_text(
+        "from sqlalchemy import text\nDEPENDS_ON = []\n"
+        "def upgrade(connection):\n    connection.execute(text('ALTER TABLE busy ADD COLUMN note text'))\n"
+    )
+    holder = engine.connect()
+    tx = holder.begin()
+    holder.execute(text("SELECT count(*) FROM busy"))  # ACCESS SHARE on busy, and an old snapshot
+    threading.Timer(3.0, tx.rollback).start()
+    started = time.monotonic()
+    report = run_pending(engine, discover(folder), "startup", FAST)
+    holder.close()
+    assert report.failed == [], report.results
+    results = {r.name: r for r in report.results}
+    assert results["a_index_other"].attempts == 1  # waited for the old snapshot, never cancelled
+    assert time.monotonic() - started >= 2.5
+    with engine.connect() as conn:
+        assert index_state(conn, "other_code_idx") == "valid"
+        assert "note" in {c for (c,) in conn.execute(text(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'busy'"))}
+
+
+def _image(i: int, phash: str, sha: str) -> tuple[NasFile, ImageFacts]:
+    return NasFile("S", "T", f"S/T/{i}.png", 10, 0), ImageFacts(sha, phash, 100, 100, "PNG")
+
+
+def test_two_duplicates_runs_at_once_leave_one_set_of_groups(migrated_url):
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        rows = [store.row_for(f, facts, store.EPOCH) for f, facts in (
+            _image(1, "0" * 64, "a" * 64), _image(2, "0" * 64, "a" * 64),
+            _image(3, "f" * 64, "b" * 64), _image(4, "f" * 63 + "e", "c" * 64))]
+        store.upsert(conn, rows)
+
+    def regroup(hold_s: float) -> None:
+        with engine.begin() as conn:
+            dup_store.lock_groups(conn)
+            groups = find_groups(dup_store.load_images(conn))
+            dup_store.replace_groups(conn, groups, 22)
+            time.sleep(hold_s)  # the other run arrives while this one is still writing
+
+    first = threading.Thread(target=regroup, args=(1.0,))
+    first.start()
+    time.sleep(0.2)
+    regroup(0.0)
+    first.join()
+    with engine.connect() as conn:
+        groups = conn.execute(text("SELECT count(*) FROM design_duplicate_groups")).scalar()
+        members = conn.execute(text("SELECT count(*) FROM design_duplicate_members")).scalar()
+    assert (groups, members) == (2, 4)
+
+
+def test_two_imports_of_one_folder_at_once_never_resurrect_a_removed_file(migrated_url):
+    """Import A listed the folder first; B listed after the file was deleted and marked it removed;
+    A's batch then writes its (older) row: the newer listing wins."""
+    engine = get_engine(migrated_url)
+    f = NasFile("S", "T", "S/T/gone.png", 10, 1_000_000)
+    facts = ImageFacts("a" * 64, "0" * 64, 10, 10, "PNG")
+    with engine.begin() as conn:
+        listed_a = store.db_now(conn)
+        store.upsert(conn, [store.row_for(f, facts, store.EPOCH)])  # imported long ago
+    with engine.begin() as conn:
+        listed_b = store.db_now(conn)
+        assert store.mark_removed(conn, [("S", "T", f.path)], listed_b) == 1
+    with engine.begin() as conn:
+        store.upsert(conn, [store.row_for(f, facts, listed_a)])  # A's batch, late
+    with engine.connect() as conn:
+        status = conn.execute(text("SELECT status::text FROM design_images WHERE path = :p"), {"p": f.path}).scalar()
+    assert status == "removed"
+    # And the other way round: a removal from an older listing does not undo a newer import.
+    with engine.begin() as conn:
+        listed_c = store.db_now(conn)
+        store.upsert(conn, [store.row_for(f, facts, listed_c)])
+        assert store.mark_removed(conn, [("S", "T", f.path)], listed_b) == 0
+    with engine.connect() as conn:
+        status = conn.execute(text("SELECT status::text FROM design_images WHERE path = :p"), {"p": f.path}).scalar()
+    assert status == "ok"
