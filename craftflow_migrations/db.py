@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from .settings import ConfigError, check_database_url, get_settings, url_passwords
+from .settings import ConfigError, check_database_url, environment_secrets, url_passwords
 
 
 class DatabaseConnectionError(RuntimeError):
@@ -28,7 +28,7 @@ def redact(message: str, url: str | None = None) -> str:
     Every secret of the settings is removed too, so a caller that forgets to pass the URL
     still cannot leak one.
     """
-    secrets = set(get_settings().secrets())
+    secrets = set(environment_secrets())
     if url:
         secrets.add(url)
         secrets.update(url_passwords(url))

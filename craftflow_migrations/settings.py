@@ -305,6 +305,18 @@ def get_settings() -> Settings:
     return _cached(tuple((k, os.environ[k]) for k in _VARIABLES if k in os.environ))
 
 
+def environment_secrets() -> list[str]:
+    """Secrets of the environment even when it does not parse: a message about a malformed
+    DATABASE_URL must still not carry its password."""
+    out = [os.environ.get("QNAP_PASSWORD", "")]
+    for name in ("DATABASE_URL", "CELERY_BROKER_URL", "CELERY_BACKEND_URL", "DAGSTER_POSTGRES_URL"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            out.append(value)
+            out.extend(url_passwords(value))
+    return [s for s in out if s]
+
+
 def migrations_dir() -> Path:
     return get_settings().migrations_dir
 

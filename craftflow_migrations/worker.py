@@ -183,7 +183,8 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     if shop is not None:
         keys = [k for k in keys if split_partition_key(k)[0] == shop]
     order = instance.get_dynamic_partitions(nas_partitions.name)
-    todo = set(partitions_to_import(instance, {k: fingerprints[k] for k in keys}, order, force=force))
+    todo = set(partitions_to_import(instance, {k: fingerprints[k] for k in keys}, order, force=force,
+                                    skip_in_flight=False))
     outcomes: dict[str, RunOutcome] = {
         key: RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in keys if key not in todo}
     for group in contiguous_ranges(sorted(todo), order):

@@ -107,8 +107,16 @@ MaxStartups 50
 MaxSessions 50
 """
         )
+        self._command = [sshd, "-D", "-e", "-f", str(config)]
+        self.start()
+        self.known_hosts = self.dir / "known_hosts"
+        pub = Path(f"{self.host_key}.pub").read_text().split()
+        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+
+    def start(self) -> None:
+        """Start (or restart, on the same port) the server."""
         Path("/run/sshd").mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sshd, "-D", "-e", "-f", str(config)], stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(self._command, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
@@ -118,9 +126,21 @@ MaxSessions 50
                 if self.proc.poll() is not None:
                     raise RuntimeError(f"sshd exited: {self.proc.stderr.read().decode()}") from None
                 time.sleep(0.05)
-        self.known_hosts = self.dir / "known_hosts"
-        pub = Path(f"{self.host_key}.pub").read_text().split()
-        self.known_hosts.write_text(f"[127.0.0.1]:{self.port} {pub[0]} {pub[1]}\n")
+
+    def kill(self) -> None:
+        """What a NAS reboot does: the server and every open session gone at once."""
+        import psutil
+
+        try:
+            procs = [psutil.Process(self.proc.pid), *psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            procs = []
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.proc.wait()
 
     @staticmethod
     def _password_account() -> tuple[str | None, str | None]:

@@ -172,3 +172,91 @@ def test_two_imports_of_one_folder_at_once_never_resurrect_a_removed_file(migrat
     with engine.connect() as conn:
         status = conn.execute(text("SELECT status::text FROM design_images WHERE path = :p"), {"p": f.path}).scalar()
     assert status == "ok"
+
+
+# --- the NAS import under faults: real CLI processes, a real sshd, rows checked afterwards ---
+
+def _import_cmd(key: str) -> list[str]:
+    return [*CLI, "import", "--partition", key]
+
+
+def _rows(engine, shop: str) -> tuple[int, int, int]:
+    with engine.connect() as conn:
+        return conn.execute(text(
+            "SELECT count(*), count(*) FILTER (WHERE status = 'ok'), "
+            "count(*) FILTER (WHERE imported_at > first_seen_at) FROM design_images WHERE shop = :s"),
+            {"s": shop}).one()
+
+
+def _wait_rows(engine, shop: str, at_least: int, proc: subprocess.Popen, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    count = 0
+    while time.monotonic() < deadline and proc.poll() is None:
+        count = _rows(engine, shop)[0]
+        if count >= at_least:
+            return count
+        time.sleep(0.02)
+    raise AssertionError(f"import did not reach {at_least} rows (had {count}, exit {proc.poll()})")
+
+
+def test_batch_step_killed_mid_import_then_rerun_imports_each_file_once(migrated_url, dagster_home, tmp_path):
+    import psutil
+
+    from .support import write_corpus
+
+    base = tmp_path / "G"
+    write_corpus(base, {("Kill Step", "T"): 40}, size=(800, 600))
+    env = cli_env(NAS_BASE_PATH=str(base), NAS_COMMIT_EVERY="2")
+    engine = get_engine(migrated_url)
+    proc = subprocess.Popen(_import_cmd("Kill Step/T"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    _wait_rows(engine, "Kill Step", 4, proc)
+    # The batch step is the process holding a connection that writes design_images rows.
+    with engine.connect() as conn:
+        port = conn.execute(text(
+            "SELECT client_port FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'craftflow_migrations' AND pid <> pg_backend_pid() "
+            "ORDER BY backend_start DESC LIMIT 1")).scalar()
+    step = next(c.pid for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port)
+    assert step != proc.pid  # a step process, not the worker
+    psutil.Process(step).kill()
+    out, _ = proc.communicate(timeout=300)
+    rows_after_kill = _rows(engine, "Kill Step")[0]
+    assert 0 < rows_after_kill <= 40
+    rerun = subprocess.run(_import_cmd("Kill Step/T"), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert _rows(engine, "Kill Step") == (40, 40, 0)  # each file once, none imported twice
+
+
+def test_sshd_down_mid_batch_retries_when_back_and_fails_clearly_when_not(migrated_url, dagster_home, tmp_path):
+    from .support import SshServer, write_corpus
+
+    server = SshServer(tmp_path / "sshd")
+    try:
+        base = tmp_path / "G"
+        write_corpus(base, {("Flaky NAS", "T"): 40, ("Dead NAS", "T"): 40}, size=(800, 600))
+        env = cli_env(**server.env(base), NAS_COMMIT_EVERY="2")
+        engine = get_engine(migrated_url)
+
+        proc = subprocess.Popen(_import_cmd("Flaky NAS/T"), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        _wait_rows(engine, "Flaky NAS", 4, proc)
+        server.kill()
+        time.sleep(1.0)
+        server.start()  # the NAS is back before the retry's backoff ends
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out
+        assert _rows(engine, "Flaky NAS") == (40, 40, 0)
+
+        proc = subprocess.Popen(_import_cmd("Dead NAS/T"), env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        committed = _wait_rows(engine, "Dead NAS", 4, proc)
+        server.kill()  # and it stays down
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 1, out
+        failure = [line for line in out.splitlines() if line.strip().startswith("❌")]
+        assert failure and ("Cannot reach NAS 127.0.0.1" in failure[0] or "Lost the NAS connection" in failure[0]), out
+        total, ok, twice = _rows(engine, "Dead NAS")
+        assert total >= committed and total == ok and twice == 0  # what was written stays
+    finally:
+        server.kill()

@@ -229,8 +229,15 @@ def test_scan_sensor_requests_new_changed_and_failed_partitions(migrated_url, in
     resources = {"nas": NasResource(), "postgres": PostgresResource(database_url=migrated_url)}
     sensor = defs.get_sensor_def("nas_scan_sensor")
 
+    cursor = None
+
     def tick():
-        return sensor(dg.build_sensor_context(instance=instance, resources=resources))
+        # The daemon hands each tick the cursor the last one left.
+        nonlocal cursor
+        context = dg.build_sensor_context(instance=instance, resources=resources, cursor=cursor)
+        result = sensor(context)
+        cursor = context.cursor
+        return result
 
     result = tick()
     # The three new folders are neighbours: one run for the range.
@@ -314,7 +321,7 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
 
 
 def test_last_fingerprints_of_many_partitions_in_a_few_queries(instance):
-    from craftflow_migrations.worker import last_fingerprints
+    from craftflow_migrations.nas.partitions import last_fingerprints
 
     keys = [f"Shop {i // 10}/Template {i % 10}" for i in range(1500)]  # more than one chunk of ids
     instance.add_dynamic_partitions(nas_partitions.name, keys)

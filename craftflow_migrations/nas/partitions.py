@@ -60,8 +60,14 @@ def partitions_in_flight(instance: dg.DagsterInstance, order: Sequence[str]) -> 
 
 
 def partitions_to_import(instance: dg.DagsterInstance, fingerprints: Mapping[str, str], order: Sequence[str],
-                         force: bool = False) -> list[str]:
-    """New or changed partitions (all of them with ``force``) not already being imported."""
-    busy = partitions_in_flight(instance, order)
+                         force: bool = False, skip_in_flight: bool = True) -> list[str]:
+    """New or changed partitions (all of them with ``force``), less those already being imported.
+
+    The sensor skips partitions with a queued or running import (the daemon's run monitoring
+    fails runs whose process died). The one-shot worker does not: a worker killed with -9
+    leaves its run marked STARTED forever, and two imports of one folder at once are safe
+    anyway (the newer listing wins, ``store.py``).
+    """
+    busy = partitions_in_flight(instance, order) if skip_in_flight else set()
     previous = {} if force else last_fingerprints(instance, list(fingerprints))
     return [k for k, fp in fingerprints.items() if previous.get(k) != fp and k not in busy]
