@@ -193,3 +193,22 @@ def test_downgrade_refuses_without_downgrade_function(engine, tmp_path):
     with pytest.raises(MigrationError, match="zz_one_way has no downgrade"):
         downgrade_to(engine, plan, "add_multi_tenant_schema", FAST)
     assert "one_way" in tables(engine) and "designs" in tables(engine)  # nothing was undone
+
+
+def test_downgrade_follows_the_ledger_order(engine, tmp_path):
+    """A file added after the others ran sorts early in the files' order but was applied last:
+    it is undone first, and undone at all when downgrading to a migration it sorts before."""
+    folder = copy_migrations(tmp_path)
+    assert run_pending(engine, discover(folder), "startup", FAST).failed == []
+    (folder / "aa_late.py").write_text(
+        'from sqlalchemy import text\nDEPENDS_ON = ["add_multi_tenant_schema"]\n'
+        'def upgrade(connection):\n    connection.execute(text("CREATE TABLE late (id int)"))\n'
+        'def downgrade(connection):\n    connection.execute(text("DROP TABLE late"))\n'
+    )
+    plan = discover(folder)
+    names = [m.name for m in plan.migrations]
+    assert names.index("aa_late") < names.index("separate_platform_connections")
+    assert run_pending(engine, plan, "startup", FAST).count("applied") == 1
+    undone = downgrade_to(engine, plan, "separate_platform_connections", FAST)
+    assert undone == ["aa_late", "update_phash_hash_size", "remove_shopify_unique_constraint"]
+    assert "late" not in tables(engine)
