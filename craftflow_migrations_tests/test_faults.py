@@ -65,7 +65,9 @@ def test_terminated_runner_session_stops_and_a_second_runner_applies_once(databa
     second = subprocess.Popen(CLI, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     time.sleep(2.0)  # the second runner is up and polling for the lock
     with engine.connect() as conn:
-        holder = conn.execute(text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted")).scalars().all()
+        holder = conn.execute(text(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())")).scalars().all()
         assert holder == [pid]  # the lock is held by the very session that runs the migration
         conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
     out1, err1 = first.communicate(timeout=120)

@@ -61,3 +61,15 @@ def test_batches_share_each_file_type_evenly():
         assert sum(f.size for f in batch) == 300 * MB
         assert sum(f.path.endswith(".jpg") for f in batch) == 5
         assert [f.path for f in batch] == sorted(f.path for f in batch)
+
+
+def test_many_small_files_spread_over_every_slot_in_whole_rounds():
+    small = [NasFile("s", "t", f"s/t/{i:06d}.png", 2_000, 0) for i in range(100_000)]
+    batches = plan_batches(small, target_bytes=500 * MB, workers=2)
+    assert len(batches) >= 2 and len(batches) % 2 == 0  # bytes alone made one batch on one core
+    sizes = [len(b) for b in batches]
+    assert max(sizes) - min(sizes) <= 1
+    sixteen = plan_batches(files([150] * 17), target_bytes=500 * MB, workers=16)
+    assert len(sixteen) == 16  # 2.5 GB on 16 slots: one round, not 6 batches
+    large = plan_batches(files([50] * 30), target_bytes=500 * MB, workers=2)
+    assert len(large) == 4 and all(340 * MB <= sum(f.size for f in b) <= 400 * MB for b in large)

@@ -7,9 +7,9 @@ import dagster as dg
 from sqlalchemy import text
 
 from ..db import PostgresResource
+from ..nas import store as nas_store
 from ..nas.assets import design_images
 from ..nas.hashing import PHASH_ALGORITHM
-from ..nas.resource import NasResource
 from ..settings import get_settings
 from . import store
 from .grouping import DEFAULT_THRESHOLD, find_groups
@@ -35,7 +35,7 @@ class DuplicatesConfig(dg.Config):
     metadata={"tables": "design_duplicate_groups, design_duplicate_members"},
 )
 def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfig,
-                      postgres: PostgresResource, nas: NasResource) -> dg.MaterializeResult:
+                      postgres: PostgresResource) -> dg.MaterializeResult:
     started = time.monotonic()
     with postgres.engine.begin() as conn:
         store.lock_groups(conn)
@@ -44,12 +44,9 @@ def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfi
         grouped_s = time.monotonic() - started
         store.replace_groups(conn, groups, config.threshold)
     out_dir = Path(config.report_dir) if config.report_dir else default_report_dir()
-    client = nas.open() if not nas.missing() else None
-    try:
-        report = write_report(groups, out_dir, client.read if client else (lambda p: b""), config.threshold)
-    finally:
-        if client:
-            client.close()
+    with postgres.engine.connect() as conn:
+        thumbnails = nas_store.thumbnails(conn, (m.sha256 for g in groups for m in g.members))
+    report = write_report(groups, out_dir, thumbnails, config.threshold)
     exact = sum(g.kind == "exact" for g in groups)
     context.log.info(
         f"{len(images)} hashed images: {exact} exact and {len(groups) - exact} near-duplicate groups "

@@ -57,6 +57,7 @@ class ImageFacts:
     height: int | None
     format: str | None
     error: str | None = None
+    thumbnail: bytes | None = None  # JPEG (or the file itself when it is already a small web image)
 
     @property
     def ok(self) -> bool:
@@ -138,7 +139,45 @@ class _Watchdog:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
 
 
-def _describe(data: bytes, limits: DecodeLimits) -> tuple[str | None, int | None, int | None, str | None]:
+THUMBNAIL_PX = 224
+THUMBNAIL_QUALITY = 75
+# A file this small, in a format every browser shows, is its own thumbnail: no encode at all.
+_WEB_FORMATS = {"PNG", "JPEG", "GIF", "WEBP"}
+SMALL_FILE_BYTES = 32 * 1024
+
+
+def make_thumbnail(image: Image.Image, data: bytes) -> bytes | None:
+    """A JPEG of at most THUMBNAIL_PX a side, from the image already decoded for the pHash.
+
+    Transparent designs are shown on white. A thumbnail that cannot be made is simply absent:
+    it never fails the file.
+    """
+    width, height = image.size
+    if (image.format in _WEB_FORMATS and len(data) <= SMALL_FILE_BYTES
+            and max(width, height) <= THUMBNAIL_PX):
+        return data
+    try:
+        if image.mode not in ("RGB", "RGBA", "L", "LA", "P", "PA", "1"):
+            image = image.convert("RGB")
+        # A box reduction first (cheap, also for RGBA), then a good filter on the small image.
+        factor = max(1, min(width // THUMBNAIL_PX, height // THUMBNAIL_PX) // 2)
+        small = image.reduce(factor) if factor > 1 and image.mode not in ("P", "PA", "1") else image.copy()
+        if small.mode in ("RGBA", "LA", "PA", "P") or "transparency" in small.info:
+            rgba = small.convert("RGBA")
+            small = Image.new("RGB", rgba.size, (255, 255, 255))
+            small.paste(rgba, mask=rgba.getchannel("A"))
+        elif small.mode not in ("RGB", "L"):
+            small = small.convert("RGB")
+        small.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX), Image.Resampling.LANCZOS)
+        out = io.BytesIO()
+        small.save(out, "JPEG", quality=THUMBNAIL_QUALITY)
+        return out.getvalue()
+    except Exception:  # noqa: BLE001 - no thumbnail rather than a failed file
+        return None
+
+
+def _describe(data: bytes, limits: DecodeLimits) -> tuple[str | None, int | None, int | None, str | None,
+                                                          bytes | None]:
     with warnings.catch_warnings():
         # Pillow warns about corrupt EXIF, odd sizes and its own bomb limit; the declared size
         # is checked against our limits, and a file that fails says so in its error.
@@ -149,7 +188,7 @@ def _describe(data: bytes, limits: DecodeLimits) -> tuple[str | None, int | None
             if problem:
                 raise RefusedImage(problem)
             image.load()
-            return phash_hex(image), width, height, fmt
+            return phash_hex(image), width, height, fmt, make_thumbnail(image, data)
 
 
 DEFAULT_LIMITS = DecodeLimits()
@@ -166,10 +205,10 @@ def describe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageF
     try:
         try:
             with _Watchdog(limits.timeout_s):
-                phash, width, height, fmt = _describe(data, limits)
+                phash, width, height, fmt, thumbnail = _describe(data, limits)
         except DecodeTimeout:
             raise DecodeTimeout(f"decoding took over {limits.timeout_s:g}s (NAS_DECODE_TIMEOUT); skipped") from None
-        return ImageFacts(sha, phash, width, height, fmt)
+        return ImageFacts(sha, phash, width, height, fmt, thumbnail=thumbnail)
     except UnidentifiedImageError:
         return ImageFacts(sha, None, None, None, None, "not an image (format not recognised)")
     except Image.DecompressionBombError as exc:

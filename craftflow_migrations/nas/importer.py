@@ -191,14 +191,17 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
             todo.append(f)
     progress = Progress(label, len(todo), sum(f.size for f in todo), logger)
     pending: list[dict] = []
+    pending_thumbs: dict[str, bytes] = {}
     pending_bytes = 0
     last_flush = time.monotonic()
 
     def flush() -> None:
-        nonlocal pending, pending_bytes, last_flush
+        nonlocal pending, pending_thumbs, pending_bytes, last_flush
         with engine.begin() as conn:
+            # Thumbnails first, in the same transaction: a row never points at a missing picture.
+            store.save_thumbnails(conn, pending_thumbs)
             store.upsert(conn, pending)
-        pending, pending_bytes, last_flush = [], 0, time.monotonic()
+        pending, pending_thumbs, pending_bytes, last_flush = [], {}, 0, time.monotonic()
 
     def handle(f: NasFile, data: bytes | None, error: BaseException | None) -> None:
         nonlocal pending_bytes
@@ -213,6 +216,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
         else:
             result.count(f, imported=1)
         pending.append(store.row_for(f, facts, listed_at))
+        if facts.thumbnail is not None:
+            pending_thumbs[facts.sha256] = facts.thumbnail
         pending_bytes += f.size
         progress.advance(len(data or b""))
         if on_file:

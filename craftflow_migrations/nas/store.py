@@ -165,6 +165,23 @@ def upsert(conn: Connection, rows: Sequence[dict]) -> int:
     return conn.execute(stmt).rowcount
 
 
+def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes]) -> None:
+    """Content-addressed: a sha256 already there keeps its thumbnail (same bytes, same picture)."""
+    if not thumbnails:
+        return
+    conn.execute(
+        text("INSERT INTO design_thumbnails (sha256, jpeg) SELECT * FROM unnest(CAST(:shas AS text[]), "
+             "CAST(:jpegs AS bytea[])) ON CONFLICT (sha256) DO NOTHING"),
+        {"shas": list(thumbnails), "jpegs": list(thumbnails.values())},
+    )
+
+
+def thumbnails(conn: Connection, shas: Iterable[str]) -> dict[str, bytes]:
+    rows = conn.execute(text("SELECT sha256, jpeg FROM design_thumbnails WHERE sha256 = ANY(:s)"),
+                        {"s": sorted(set(shas))})
+    return {r.sha256: bytes(r.jpeg) for r in rows}
+
+
 def mark_removed(conn: Connection, removed: Sequence[tuple[str, str, str]], listed_at: datetime) -> int:
     """Mark (shop, template, path) rows removed, unless a newer listing wrote them since."""
     if not removed:
