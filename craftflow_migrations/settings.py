@@ -157,7 +157,7 @@ class NasSettings(BaseModel):
     base_path: str = DEFAULT_NAS_BASE_PATH
     use_batched: bool = True
     max_concurrent: int = max(os.cpu_count() or 2, 1)
-    commit_every: int = 16
+    commit_every: int = 5000
     max_file_mb: int = 1024
     max_pixels: int = 250_000_000
     decode_timeout_s: float = 120.0
@@ -254,7 +254,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         base_path=_raw(env, "NAS_BASE_PATH") or DEFAULT_NAS_BASE_PATH,
         use_batched=_bool(env, "NAS_USE_BATCHED", True),
         max_concurrent=_int(env, "NAS_MAX_CONCURRENT", max(os.cpu_count() or 2, 1), 1, 256),
-        commit_every=_int(env, "NAS_COMMIT_EVERY", 16, 1, 100_000),
+        commit_every=_int(env, "NAS_COMMIT_EVERY", 5000, 1, 100_000),
         max_file_mb=_int(env, "NAS_MAX_FILE_MB", 1024, 1),
         max_pixels=_int(env, "NAS_MAX_PIXELS", 250_000_000, 1),
         decode_timeout_s=_seconds(env, "NAS_DECODE_TIMEOUT", 120.0),
