@@ -89,14 +89,18 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{failed_runs} failed), "
                 + ", ".join(f"{v} {k.removeprefix('files_')}" for k, v in totals.items())
             )
-            dup = worker.run_duplicates(instance)
-            meta = dup.metadata.get("design_duplicates", {})
-            if dup.success:
-                _out(f"Duplicate groups: {meta.get('exact_groups', 0)} exact, {meta.get('near_groups', 0)} near "
-                     f"(craftflow-migrate duplicates --shop NAME); report: {meta.get('report_path', '-')}")
+            if not worker.duplicates_pending(url):
+                # No image changed since the last grouping: no run, no global work.
+                _out("Duplicate groups: unchanged (no image changed since they were last grouped)")
             else:
-                _print_outcome("Duplicate detection", dup)
-            ok &= dup.success
+                dup = worker.run_duplicates(instance)
+                meta = dup.metadata.get("design_duplicates", {})
+                if dup.success:
+                    _out(f"Duplicate groups: {meta.get('exact_groups', 0)} exact, {meta.get('near_groups', 0)} near "
+                         f"(craftflow-migrate duplicates --shop NAME); report: {meta.get('report_path', '-')}")
+                else:
+                    _print_outcome("Duplicate detection", dup)
+                ok &= dup.success
 
     if mode in ("all", "complex"):
         outcome = worker.run_complex(instance)

@@ -103,6 +103,14 @@ def applied_in_run(database_url: str, run_id: str) -> list[str]:
         ).scalars())
 
 
+def duplicates_pending(database_url: str) -> bool:
+    """Whether any image changed since duplicates were last grouped (one indexed look-up)."""
+    from .duplicates.store import has_changes
+
+    with get_engine(database_url).connect() as conn:
+        return has_changes(conn)
+
+
 class NasNotConfigured(RuntimeError):
     pass
 

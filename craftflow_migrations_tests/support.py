@@ -249,4 +249,6 @@ def import_local_folder(url: str, base: Path, keys: list[str] | None = None, **k
         scans = scan_for_import(listings, engine, listed_at, settings.max_file_mb * 2**20)
         files = [f for s in scans for f in s.to_import]
         result = import_batch(client, engine, files, listed_at, settings, **kwargs)
+    with engine.begin() as conn:  # what the summary step does after the batches
+        store.mark_shops_changed(conn, {s.shop for s in scans})
     return {"scans": {s.key: s for s in scans}, "result": result, "listings": listings}

@@ -165,3 +165,31 @@ def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_pat
     text_out = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "duplicates", "--shop", "Shop A"],
                               env=env, capture_output=True, text=True, timeout=120).stdout
     assert text_out.count("near group") == 3 and "keep Shop A/Posters/design0.png" in text_out
+
+
+def test_only_scopes_whose_images_changed_are_regrouped(migrated_url, nas_folder, instance, tmp_path):
+    from craftflow_migrations.duplicates import store as dup_store
+
+    import_folder(migrated_url, nas_folder)
+    engine = get_engine(migrated_url)
+
+    def materialize() -> dict:
+        result = dg.materialize([design_duplicates], instance=instance,
+                                resources={"postgres": PostgresResource(database_url=migrated_url)},
+                                run_config={"ops": {"design_duplicates": {"config": {"report_dir": str(tmp_path)}}}})
+        return {k: v.value for k, v in result.asset_materializations_for_node("design_duplicates")[0].metadata.items()}
+
+    first = materialize()
+    assert first["near_groups"] == 3 and first["scopes_regrouped"] == 2
+    with engine.connect() as conn:
+        assert not dup_store.has_changes(conn)
+        before = conn.execute(text("SELECT id FROM design_duplicate_groups ORDER BY id")).scalars().all()
+    again = materialize()  # nothing changed: nothing regrouped, the groups stay as they are
+    assert again["scopes_regrouped"] == 0 and again["images_regrouped"] == 0 and again["near_groups"] == 3
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT id FROM design_duplicate_groups ORDER BY id")).scalars().all() == before
+        nas_store.mark_shops_changed(conn, ["Other Tenant"])
+    third = materialize()  # only tenant 2's scope: tenant 1's groups keep their ids
+    assert third["scopes_regrouped"] == 1 and third["near_groups"] == 3
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT id FROM design_duplicate_groups ORDER BY id")).scalars().all() == before

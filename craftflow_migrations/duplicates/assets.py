@@ -26,6 +26,8 @@ def default_report_dir() -> Path:
 class DuplicatesConfig(dg.Config):
     threshold: int = DEFAULT_THRESHOLD
     report_dir: str = ""
+    # Regroup every scope, not only those whose images changed (after editing shops' tenants).
+    full: bool = False
 
 
 @dg.asset(
@@ -36,27 +38,32 @@ class DuplicatesConfig(dg.Config):
 )
 def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfig,
                       postgres: PostgresResource) -> dg.MaterializeResult:
+    """Regroup only the scopes (tenants) whose images changed since the last run."""
     started = time.monotonic()
     with postgres.engine.begin() as conn:
         store.lock_groups(conn)
-        images = store.load_images(conn)
+        scopes = None if config.full else store.take_changed_scopes(conn)
+        images = store.load_images(conn, scopes)
         groups = find_groups(images, config.threshold)
         grouped_s = time.monotonic() - started
-        store.replace_groups(conn, groups, config.threshold)
+        store.replace_groups(conn, groups, config.threshold, scopes)
+        every_group = store.stored_groups(conn)
     out_dir = Path(config.report_dir) if config.report_dir else default_report_dir()
     with postgres.engine.connect() as conn:
-        thumbnails = nas_store.thumbnails(conn, (m.sha256 for g in groups for m in g.members))
-    report = write_report(groups, out_dir, thumbnails, config.threshold)
-    exact = sum(g.kind == "exact" for g in groups)
+        thumbnails = nas_store.thumbnails(conn, (m.sha256 for g in every_group for m in g.members))
+    report = write_report(every_group, out_dir, thumbnails, config.threshold)
+    exact = sum(g.kind == "exact" for g in every_group)
+    regrouped = "every scope" if scopes is None else f"{len(scopes)} changed scope(s)"
     context.log.info(
-        f"{len(images)} hashed images: {exact} exact and {len(groups) - exact} near-duplicate groups "
-        f"(threshold {config.threshold}) in {grouped_s:.2f}s; report {report}"
+        f"{regrouped}: {len(images)} hashed images regrouped in {grouped_s:.2f}s; {exact} exact and "
+        f"{len(every_group) - exact} near-duplicate groups in all (threshold {config.threshold}); report {report}"
     )
     return dg.MaterializeResult(metadata={
-        "images": len(images),
+        "images_regrouped": len(images),
+        "scopes_regrouped": -1 if scopes is None else len(scopes),
         "exact_groups": exact,
-        "near_groups": len(groups) - exact,
-        "images_in_groups": sum(len(g.members) for g in groups),
+        "near_groups": len(every_group) - exact,
+        "images_in_groups": sum(len(g.members) for g in every_group),
         "threshold_bits": config.threshold,
         "grouping_seconds": round(grouped_s, 3),
         "report": dg.MetadataValue.url(report.resolve().as_uri()),

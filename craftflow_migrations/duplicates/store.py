@@ -2,27 +2,62 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from ..nas.hashing import PHASH_ALGORITHM
 from .grouping import Group, ImageRow
 
+_SCOPE = "COALESCE('tenant:' || s.tenant_id, 'shop:' || d.shop)"
 
-def load_images(conn: Connection) -> list[ImageRow]:
-    """Images with a current hash; the scope is the shop's tenant, or the shop when unlinked."""
+
+def load_images(conn: Connection, scopes: Iterable[str] | None = None) -> list[ImageRow]:
+    """Images with a current hash (of ``scopes``, or all); the scope is the shop's tenant, or
+    the shop when unlinked."""
+    where = "" if scopes is None else f"AND {_SCOPE} = ANY(:scopes)"
     rows = conn.execute(
         text(
-            """
-            SELECT d.id, COALESCE('tenant:' || s.tenant_id, 'shop:' || d.shop) AS scope, d.shop, d.template,
+            f"""
+            SELECT d.id, {_SCOPE} AS scope, d.shop, d.template,
                    d.path, d.sha256, d.phash, d.width, d.height, d.format, d.mtime
             FROM design_images d LEFT JOIN shops s ON s.id = d.shop_id
-            WHERE d.status = 'ok' AND d.phash IS NOT NULL AND d.hash_algorithm = :algorithm
+            WHERE d.status = 'ok' AND d.phash IS NOT NULL AND d.hash_algorithm = :algorithm {where}
             """
         ),
-        {"algorithm": PHASH_ALGORITHM},
+        {"algorithm": PHASH_ALGORITHM, "scopes": sorted(set(scopes or ()))},
     )
     return [ImageRow(*r) for r in rows]
+
+
+def take_changed_scopes(conn: Connection) -> set[str]:
+    """Scopes to regroup, taken (and cleared) inside the caller's locked transaction.
+
+    A changed shop's scope now, and every scope where one of its images sat in a group
+    (a shop newly linked to a tenant leaves its old scope too).
+    """
+    shops = conn.execute(text("DELETE FROM design_duplicate_dirty_shops RETURNING shop")).scalars().all()
+    if not shops:
+        return set()
+    rows = conn.execute(
+        text(
+            f"""
+            SELECT DISTINCT {_SCOPE} FROM design_images d LEFT JOIN shops s ON s.id = d.shop_id
+            WHERE d.shop = ANY(:shops)
+            UNION
+            SELECT DISTINCT g.scope FROM design_duplicate_groups g
+            JOIN design_duplicate_members m ON m.group_id = g.id
+            JOIN design_images d ON d.id = m.image_id WHERE d.shop = ANY(:shops)
+            """
+        ),
+        {"shops": list(shops)},
+    )
+    return set(rows.scalars())
+
+
+def has_changes(conn: Connection) -> bool:
+    return bool(conn.execute(text("SELECT EXISTS (SELECT 1 FROM design_duplicate_dirty_shops)")).scalar())
 
 
 # Two duplicates runs at once (two containers deploying) take turns on this lock.
@@ -39,9 +74,13 @@ def lock_groups(conn: Connection) -> None:
     conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": GROUPS_LOCK_KEY})
 
 
-def replace_groups(conn: Connection, groups: list[Group], threshold: int) -> None:
-    """Swap in a new set of groups in one transaction: readers never see half of it."""
-    conn.execute(text("DELETE FROM design_duplicate_groups"))
+def replace_groups(conn: Connection, groups: list[Group], threshold: int,
+                   scopes: Iterable[str] | None = None) -> None:
+    """Swap in the groups of ``scopes`` (or all groups) in one transaction: readers never see half."""
+    if scopes is None:
+        conn.execute(text("DELETE FROM design_duplicate_groups"))
+    else:
+        conn.execute(text("DELETE FROM design_duplicate_groups WHERE scope = ANY(:s)"), {"s": sorted(set(scopes))})
     for g in groups:
         group_id = conn.execute(
             text(
@@ -58,6 +97,32 @@ def replace_groups(conn: Connection, groups: list[Group], threshold: int) -> Non
             ),
             [{"g": group_id, "i": m.id, "d": g.distances[m.id], "k": m.id == g.keep.id} for m in g.members],
         )
+
+
+def stored_groups(conn: Connection) -> list[Group]:
+    """Every stored group, with its members, for the report."""
+    rows = conn.execute(text(
+        """
+        SELECT g.id AS group_id, g.kind, g.keep_image_id, g.keep_reason, m.distance_to_keep, d.id, g.scope, d.shop,
+               d.template, d.path, d.sha256, d.phash, d.width, d.height, d.format, d.mtime
+        FROM design_duplicate_groups g JOIN design_duplicate_members m ON m.group_id = g.id
+        JOIN design_images d ON d.id = m.image_id
+        ORDER BY g.scope, g.kind, g.id
+        """))
+    groups: dict[int, Group] = {}
+    for r in rows:
+        image = ImageRow(r.id, r.scope, r.shop, r.template, r.path, r.sha256, r.phash, r.width, r.height, r.format,
+                         r.mtime)
+        g = groups.get(r.group_id)
+        if g is None:
+            g = groups[r.group_id] = Group(r.kind, r.scope, [], image, r.keep_reason)
+        g.members.append(image)
+        g.distances[image.id] = r.distance_to_keep
+        if image.id == r.keep_image_id:
+            g.keep = image
+    for g in groups.values():
+        g.members.sort(key=lambda m: m.sort_key)
+    return sorted(groups.values(), key=lambda g: (g.scope, g.kind, g.members[0].sort_key))
 
 
 def groups_for_shop(conn: Connection, shop: str | None) -> list[dict]:

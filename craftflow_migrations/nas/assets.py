@@ -202,8 +202,11 @@ def summarize_nas_import(context: dg.AssetExecutionContext, scan: RunPlan, resul
     seconds = max(time.time() - scan.started, 1e-6)
     run_mb = sum(c.bytes_read for r in results for c in r.values()) / MB
     parts = {key: (p.shop, p.template) for key, p in scan.partitions.items()}
+    changed = {parts[key][0] for key, plan in scan.partitions.items()
+               if plan.removed or plan.skipped or any(key in r and (r[key].imported or r[key].failed) for r in results)}
     with postgres.engine.begin() as conn:
-        store.link_shops(conn, (shop for shop, _ in parts.values()))
+        changed |= store.link_shops(conn, (shop for shop, _ in parts.values()))
+        store.mark_shops_changed(conn, changed)
         duplicates = store.exact_duplicate_counts(conn, parts.values())
     totals = Counts()
     metadata_by_key: dict[str, dict] = {}

@@ -177,23 +177,34 @@ def mark_removed(conn: Connection, removed: Sequence[tuple[str, str, str]], list
     ).rowcount
 
 
-def link_shops(conn: Connection, shops: Iterable[str]) -> None:
+def link_shops(conn: Connection, shops: Iterable[str]) -> set[str]:
     """Point rows at the shops row of the same name, when exactly one shop has it.
 
     One statement for all of a run's shops: a backfill of thousands of folders must not
-    cost a round trip per shop.
+    cost a round trip per shop. Returns the shops whose rows moved (their duplicate scope
+    changed).
     """
-    conn.execute(
+    rows = conn.execute(
         text(
             """
             UPDATE design_images d SET shop_id = s.id
             FROM (SELECT name, min(id) AS id FROM shops WHERE name = ANY(:shops)
                   GROUP BY name HAVING count(*) = 1) s
             WHERE d.shop = s.name AND d.shop_id IS DISTINCT FROM s.id
+            RETURNING d.shop
             """
         ),
         {"shops": sorted(set(shops))},
     )
+    return {r.shop for r in rows}
+
+
+def mark_shops_changed(conn: Connection, shops: Iterable[str]) -> None:
+    """The duplicates step regroups these shops' scopes next time (and only those)."""
+    shops = sorted(set(shops))
+    if shops:
+        conn.execute(text("INSERT INTO design_duplicate_dirty_shops (shop) SELECT unnest(CAST(:s AS text[])) "
+                          "ON CONFLICT (shop) DO UPDATE SET marked_at = now()"), {"s": shops})
 
 
 def exact_duplicate_counts(conn: Connection, partitions: Iterable[tuple[str, str]]) -> dict[tuple[str, str], int]:
