@@ -229,10 +229,160 @@ def sequential_baseline(sshd, url: str, files: list[Path]) -> float:
     return elapsed
 
 
+# --- shapes: what a user waits for, the whole MIGRATION_MODE=nas-only, on every shape of NAS ---
+
+SMALL = Path(__file__).parent / ".corpus_small"
+
+
+def small_png(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(out, "PNG", compress_level=1)
+    return out.getvalue()
+
+
+def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path]:
+    """100,000 small PNGs in one folder; 3,000 folders of 2; the same 6,000 files in one folder."""
+    one, many, flat = SMALL / "one_folder", SMALL / "many_folders", SMALL / "many_flat"
+    if not (one / "Big Shop" / "All").is_dir() or len(os.listdir(one / "Big Shop" / "All")) != files:
+        (one / "Big Shop" / "All").mkdir(parents=True, exist_ok=True)
+        for i in range(files):
+            (one / "Big Shop" / "All" / f"d{i:06d}.png").write_bytes(small_png(i))
+    if not many.is_dir():
+        (flat / "Flat Shop" / "All").mkdir(parents=True)
+        for i in range(folders):
+            folder = many / f"Shop {i // 30:03d}" / f"Template {i % 30:02d}"
+            folder.mkdir(parents=True)
+            for j in range(2):
+                data = small_png(10_000_000 + 2 * i + j)
+                (folder / f"d{j}.png").write_bytes(data)
+                (flat / "Flat Shop" / "All" / f"f{i:05d}-{j}.png").write_bytes(data)
+    return one, many, flat
+
+
+def ideal_of(root: Path) -> tuple[int, float]:
+    """Files and single-core CPU-s to read, sha256 and pHash them all (the import's own code)."""
+    from craftflow_migrations.nas.memory import keep_freed_memory
+
+    keep_freed_memory()
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    describe_image(paths[0].read_bytes())  # one-time imports are not hashing
+    started = time.process_time()
+    for path in paths:
+        describe_image(path.read_bytes())
+    return len(paths), time.process_time() - started
+
+
+def run_phases(home: Path) -> dict[str, float]:
+    """Seconds of each phase of the latest nas_import run, from its event log."""
+    import dagster as dg
+
+    with dg.DagsterInstance.from_ref(dg.InstanceRef.from_dir(str(home))) as instance:
+        runs = instance.get_runs(dg.RunsFilter(job_name="nas_import"), limit=1)
+        if not runs:
+            return {}
+        events = [r.event_log_entry for r in instance.get_records_for_run(runs[0].run_id).records]
+    times: dict[str, list[float]] = {}
+    for e in events:
+        ev = e.dagster_event
+        if ev is None:
+            continue
+        if ev.event_type_value in ("RUN_START", "RUN_SUCCESS", "RUN_FAILURE"):
+            times.setdefault(ev.event_type_value, []).append(e.timestamp)
+        elif ev.step_key and ev.event_type_value in ("STEP_START", "STEP_SUCCESS"):
+            kind = ev.step_key.split(".")[-1].split("[")[0]
+            times.setdefault(f"{kind}:{ev.event_type_value}", []).append(e.timestamp)
+    out = {}
+    for kind in ("plan_nas_batches", "import_nas_batch", "summarize_nas_import"):
+        if f"{kind}:STEP_START" in times and f"{kind}:STEP_SUCCESS" in times:
+            out[kind] = max(times[f"{kind}:STEP_SUCCESS"]) - min(times[f"{kind}:STEP_START"])
+    if "RUN_START" in times and "RUN_SUCCESS" in times:
+        out["run"] = times["RUN_SUCCESS"][0] - times["RUN_START"][0]
+    return out
+
+
+def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, float], str]:
+    """Wall seconds of `craftflow-migrate` with MIGRATION_MODE=nas-only, CPU-s of the whole machine
+    meanwhile, the run's phases, and the command's last lines."""
+    import sys
+
+    busy = machine_busy_seconds()
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli"], env={**env, "MIGRATION_MODE": "nas-only"},
+                            capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - started
+    assert result.returncode == 0, f"{label}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
+    return wall, machine_busy_seconds() - busy, run_phases(Path(env["DAGSTER_HOME"])), result.stdout
+
+
+def fresh_env(server, base: Path, extra: dict | None = None) -> dict:
+    import sys
+
+    url = server.create_database("cfm_shape")
+    home = Path(tempfile.mkdtemp(prefix="cfm-shape-home-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QNAP_", "NAS_"))}
+    env.update(DATABASE_URL=url, DAGSTER_HOME=str(home), NAS_BASE_PATH=str(base), **(extra or {}))
+    subprocess.run([sys.executable, "-m", "craftflow_migrations.cli"], env={**env, "MIGRATION_MODE": "startup"},
+                   check=True, capture_output=True)
+    return env
+
+
+def print_run(label: str, wall: float, busy: float, phases: dict[str, float], ideal: float | None,
+              target: float | None, cores: int) -> None:
+    ratio = f"  -> {wall / ideal:.2f}x the ideal {ideal:.1f} s" if ideal else ""
+    met = "met" if ideal and target and wall / ideal <= target else "NOT met"
+    verdict = "" if target is None or not ideal else f"  (target <= {target:.1f}x: {met})"
+    print(f"  {label:44} {wall:7.1f} s{ratio}{verdict}")
+    where = ", ".join(f"{k.replace('_nas_', ' ').replace('_', ' ')} {v:.1f}" for k, v in phases.items() if k != "run")
+    outside = wall - phases.get("run", 0.0)
+    print(f"      where: {where or '-'}; outside the run (start-up, listing, duplicates, exit) {outside:.1f} s;"
+          f" cores busy {busy / wall:.2f} of {cores}")
+
+
+def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, folders: int) -> None:
+    one, many, flat = ensure_small_corpora(small_files, folders)
+    print(f"\nShapes: the whole `craftflow-migrate` with MIGRATION_MODE=nas-only, {cores} cores, fresh database each:")
+
+    n, cpu = len(large_files), sum(ideal_cpu_seconds(large_files) for _ in range(1))
+    env = fresh_env(server, CORPUS, sshd.env(CORPUS))
+    wall, busy, phases, _ = nas_only(server, env, "large")
+    print_run(f"large designs over sshd ({n} files)", wall, busy, phases, cpu / cores, 1.5, cores)
+    rerun, rbusy, _, out = nas_only(server, env, "large re-run")
+    print(f"  {'  re-run, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / wall:.1f}% of the import"
+          f"  (target <= 10%: {'met' if rerun <= 0.10 * wall else 'NOT met'})")
+
+    n, cpu = ideal_of(one)
+    env = fresh_env(server, one)
+    wall, busy, phases, _ = nas_only(server, env, "small")
+    print_run(f"{n:,} small PNGs in one folder", wall, busy, phases, cpu / cores, 1.5, cores)
+    rerun, _, _, _ = nas_only(server, env, "small re-run")
+    print(f"  {'  re-run, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / wall:.1f}% of the import"
+          f"  (target <= 15%: {'met' if rerun <= 0.15 * wall else 'NOT met'})")
+    touched = one / "Big Shop" / "All" / "d001234.png"
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    _, _, _, out = nas_only(server, env, "touch one")
+    print(f"  {'  one file touched':44} {[line for line in out.splitlines() if line.startswith('NAS import')][0]}")
+
+    n_flat, _ = ideal_of(flat)
+    env = fresh_env(server, flat)
+    flat_wall, busy, phases, _ = nas_only(server, env, "flat")
+    print_run(f"{n_flat:,} small files in one folder", flat_wall, busy, phases, None, None, cores)
+    env = fresh_env(server, many)
+    many_wall, busy, phases, _ = nas_only(server, env, "many")
+    print_run(f"the same files in {folders:,} folders of 2", many_wall, busy, phases, None, None, cores)
+    print(f"  {'  folders / one folder':44} {many_wall / flat_wall:7.2f}x  (target <= 2x: "
+          f"{'met' if many_wall <= 2 * flat_wall else 'NOT met'})")
+    rerun, _, _, _ = nas_only(server, env, "many re-run")
+    print(f"  {'  re-run of the folders, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / many_wall:.1f}%")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--min-mb", type=int, default=600)
     parser.add_argument("--skip-baseline", action="store_true", help="skip (b), the slow sequential script")
+    parser.add_argument("--shapes-only", action="store_true", help="only the nas-only shapes and re-runs")
+    parser.add_argument("--small-files", type=int, default=100_000)
+    parser.add_argument("--folders", type=int, default=3_000)
     args = parser.parse_args()
 
     from craftflow_migrations_tests.support import PostgresServer, SshServer
@@ -244,6 +394,9 @@ def main() -> None:
     sshd = SshServer(work / "sshd")
     cores = os.cpu_count() or 1
     try:
+        if args.shapes_only:
+            shapes(server, sshd, cores, files, args.small_files, args.folders)
+            return
         bench_fetch(sshd, max(files, key=lambda p: p.stat().st_size))
 
         url = server.create_database("cfm_bench")

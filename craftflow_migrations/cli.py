@@ -49,8 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     instance = get_instance()
     _out(f"craftflow-migrate: MIGRATION_MODE={mode}, Dagster instance {instance.root_directory}")
     ok = True
-    if mode in ("all", "nas-only"):
-        worker.warm_step_processes()
+    if mode == "all":
+        worker.warm_step_processes()  # its imports overlap the startup job
 
     if mode in ("all", "startup"):
         outcome = worker.run_startup(instance)
@@ -192,6 +192,63 @@ def cmd_downgrade(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """What the next deploy will do: each pending migration dry-run in a rolled-back transaction."""
+    from .schema.plan import dry_run
+
+    url = _database_url()
+    reports = dry_run(get_engine(url), _plan(), args.kind, settings.get_settings().migrations)
+    if args.json:
+        _out(json.dumps([{"name": r.name, "state": r.state, "statements": r.statements, "rows": r.rows,
+                          "seconds": round(r.seconds, 4), "error": r.error,
+                          "locks": [{"table": lk.table, "mode": lk.mode, "has_rows": lk.has_rows} for lk in r.locks],
+                          "findings": [{"rule": f.rule, "message": f.message, "statement": f.statement,
+                                        "acknowledged": f.acknowledged} for f in r.findings]} for r in reports],
+                        indent=2))
+    elif not reports:
+        _out(f"No pending {args.kind} migrations: the database is at head")
+    for r in reports if not args.json else ():
+        _out(f"{r.name}: {r.state}" + (f", {r.rows} rows, {r.seconds * 1000:.0f} ms" if r.state == "dry-run" else ""))
+        if r.error:
+            _out(f"  {'❌' if r.state == 'failed' else '⚠️'} {redact(r.error)}")
+        for statement in r.statements:
+            _out(f"    SQL   {statement[:200]}{'…' if len(statement) > 200 else ''}")
+        for lock in r.locks:
+            mark = "  <- ACCESS EXCLUSIVE on a table with rows" if lock.stands_out else ""
+            _out(f"    LOCK  {lock.table}: {lock.mode}{' (has rows)' if lock.has_rows else ''}{mark}")
+        for finding in r.findings:
+            _out(f"    {'ok  ' if finding.acknowledged else 'RISK'}  {finding.line()}")
+    risky = [f for r in reports for f in r.unacknowledged]
+    failed = [r for r in reports if r.state == "failed"]
+    if risky or failed:
+        _out(f"❌ plan: {len(risky)} unacknowledged risk finding(s), {len(failed)} failed dry run(s); fix the "
+             "migration or acknowledge a finding with ACKNOWLEDGE = {\"rule-name\": \"reason\"}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_baseline(args: argparse.Namespace) -> int:
+    """Adopt a database the old service migrated: verify what each migration creates, then record it."""
+    from .schema.baseline import baseline
+
+    url = _database_url()
+    try:
+        results = baseline(get_engine(url), _plan(), settings.get_settings().migrations, args.to)
+    except ValueError as exc:
+        _out(f"❌ {exc}")
+        return EXIT_FAILED
+    for r in results:
+        detail = f" ({r.checked} objects checked)" if r.state == "recorded" else ""
+        _out(f"{r.name}: {r.state}{detail}")
+        for missing in r.missing:
+            _out(f"  ❌ missing: {missing}" if r.state == "mismatch" else f"  ❌ {missing}")
+    bad = [r for r in results if r.state in ("mismatch", "failed")]
+    recorded = sum(r.state == "recorded" for r in results)
+    _out(f"Baseline: {recorded} recorded, {len(bad)} not matching (not recorded: fix them, or apply them with "
+         "MIGRATION_MODE=startup)" if bad else f"Baseline: {recorded} recorded; the startup job has nothing to do")
+    return EXIT_FAILED if bad else EXIT_OK
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from .schema import ledger
 
@@ -274,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("downgrade", help="roll back every migration applied after NAME")
     down.add_argument("--to", required=True, metavar="NAME")
     down.set_defaults(func=cmd_downgrade)
+    plan = sub.add_parser("plan", help="dry-run pending migrations: SQL, locks, rows, time and risk findings")
+    plan.add_argument("--kind", choices=("startup", "complex"), default="startup")
+    plan.add_argument("--json", action="store_true")
+    plan.set_defaults(func=cmd_plan)
+    base = sub.add_parser("baseline", help="adopt a database migrated by the old service (no ledger)")
+    base.add_argument("--to", metavar="NAME", help="the last migration to record (default: all startup migrations)")
+    base.set_defaults(func=cmd_baseline)
     repair = sub.add_parser("repair", help="accept the edited file of an applied migration (checksum drift)")
     repair.add_argument("name")
     repair.set_defaults(func=cmd_repair)

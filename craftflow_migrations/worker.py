@@ -183,7 +183,6 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     from .nas.partitions import partitions_to_import
     from .nas.ranges import contiguous_ranges, partition_tags
 
-    warm_step_processes(run_config)
     fingerprints = scan_nas(partitions)
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
@@ -195,6 +194,8 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
                                     skip_in_flight=False))
     outcomes: dict[str, RunOutcome] = {
         key: RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in keys if key not in todo}
+    if todo:
+        warm_step_processes(run_config)  # an unchanged NAS starts no step processes at all
     for group in contiguous_ranges(sorted(todo), order):
         tags = {**partition_tags(group), **(extra_tags or {})}
         run = _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())

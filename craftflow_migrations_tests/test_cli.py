@@ -107,7 +107,7 @@ def test_canvas_size_migration_resumes_after_being_killed(migrated_url, dagster_
 
     result = run_cli(env={**env, "CANVAS_MIGRATION_BATCH_SIZE": "5000"})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Resuming canvas size migration after id" in result.stderr
+    assert "Resuming run_canvas_size_migration after id" in result.stderr
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM canvas_sizes WHERE width_in IS NULL")).scalar() == total // 1000
         assert conn.execute(text(

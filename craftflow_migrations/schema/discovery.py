@@ -46,6 +46,8 @@ class Migration:
     upgrade: Callable | None = None
     downgrade: Callable | None = None
     load_error: str | None = None
+    # Risk rules (``rules.py``) the migration accepts, by name, with the reason.
+    acknowledged: dict[str, str] = field(default_factory=dict)
 
     @property
     def has_downgrade(self) -> bool:
@@ -128,6 +130,13 @@ def load_migration(path: Path) -> Migration:
         return migration
     migration.kind = kind
     migration.transactional = bool(getattr(module, "TRANSACTIONAL", True))
+    acknowledged = getattr(module, "ACKNOWLEDGE", {})
+    if not isinstance(acknowledged, dict) or not all(isinstance(k, str) and isinstance(v, str) and v.strip()
+                                                     for k, v in acknowledged.items()):
+        migration.load_error = (f"Could not load {name}: ACKNOWLEDGE must map rule names to reasons, "
+                                'e.g. {"index-without-concurrently": "the table is tiny"}')
+        return migration
+    migration.acknowledged = dict(acknowledged)
     if hasattr(module, "DEPENDS_ON"):
         deps = module.DEPENDS_ON
         if isinstance(deps, str) or not all(isinstance(d, str) for d in deps):

@@ -10,6 +10,7 @@ import dagster as dg
 from ..db import PostgresResource
 from ..settings import get_settings
 from . import ledger, runner
+from .batched import collect_results
 from .discovery import Migration, MigrationPlan
 
 STARTUP_JOB = "startup"
@@ -74,7 +75,8 @@ def _migration_op(m: Migration, plan: MigrationPlan) -> dg.OpDefinition:
                     description=f"Migration {m.name} needs {', '.join(missing)} applied first: run the startup job"
                 )
         try:
-            result = runner.apply_migration(engine, m, get_settings().migrations, context.run_id, context.log)
+            with collect_results() as batched:
+                result = runner.apply_migration(engine, m, get_settings().migrations, context.run_id, context.log)
         except runner.MigrationError as exc:
             message = postgres.redact(str(exc))
             context.log.error(message)
@@ -89,6 +91,12 @@ def _migration_op(m: Migration, plan: MigrationPlan) -> dg.OpDefinition:
                 "attempts": result.attempts,
                 "checksum": m.checksum,
                 "transactional": m.transactional,
+                "statements": dg.MetadataValue.md("\n".join(f"    {s}" for s in result.statements) or "none"),
+                "locks": dg.MetadataValue.text("\n".join(result.locks) or "none"),
+                "rows_touched": result.rows,
+                "risk_findings": dg.MetadataValue.text("\n".join(result.findings) or "none"),
+                **({"batched_rows": sum(b.rows_seen for b in batched), "batches": sum(b.batches for b in batched),
+                    "batched_rows_per_s": round(sum(b.rows_per_s for b in batched), 1)} if batched else {}),
             },
         )
 

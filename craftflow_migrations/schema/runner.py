@@ -53,6 +53,10 @@ class ApplyResult:
     duration_s: float = 0.0
     attempts: int = 0
     error: str | None = None
+    statements: list[str] = field(default_factory=list)
+    locks: list[str] = field(default_factory=list)  # "table: mode", what the migration's own backend held
+    rows: int = 0
+    findings: list[str] = field(default_factory=list)  # risk rules (rules.py) over what it executed
 
 
 @dataclass
@@ -156,13 +160,29 @@ def _end_autocommit(conn: Connection, level: str) -> None:
         conn.execution_options(isolation_level=level)
 
 
+def _observe(result: ApplyResult, statements: list[str], rows: list[int], locks: list[tuple[str, str]],
+             tables_with_rows: set[str], m: Migration) -> None:
+    from .rules import check_statements
+
+    result.statements, result.rows = list(statements), sum(rows)
+    result.locks = [f"{table}: {mode}" for table, mode in locks]
+    result.findings = [f.line() for f in check_statements(statements, tables_with_rows, m.acknowledged)]
+
+
 def _upgrade_once(conn: Connection, m: Migration, settings: MigrationSettings, run_id: str | None,
-                  keys: list[int]) -> None:
+                  keys: list[int], result: ApplyResult) -> None:
+    from .plan import _has_rows, _locks, capture
+
     started = time.monotonic()
     if m.transactional:
         with conn.begin():
             _set_timeouts(conn, settings, local=True)
-            m.upgrade(conn)
+            before = _locks(conn)
+            with capture(conn) as (statements, rows):
+                m.upgrade(conn)
+            taken = sorted(_locks(conn) - before)
+            with_rows = {t.split(".", 1)[1] for t, _ in taken if _has_rows(conn, t)}
+            _observe(result, statements, rows, taken, with_rows, m)
             ledger.assert_locks_held(conn, keys)
             ledger.record(conn, m, int((time.monotonic() - started) * 1000), run_id)
         return
@@ -172,8 +192,10 @@ def _upgrade_once(conn: Connection, m: Migration, settings: MigrationSettings, r
     conn.execution_options(isolation_level="AUTOCOMMIT")
     try:
         _set_timeouts(conn, settings, local=False)
-        with _concurrent_builds_wait(conn, settings):
+        with _concurrent_builds_wait(conn, settings), capture(conn) as (statements, rows):
             m.upgrade(conn)
+        # Autocommitted statements hold no locks afterwards; what they executed is still checked.
+        _observe(result, [s for s in statements if not s.upper().startswith("SET LOCK_TIMEOUT")], rows, [], set(), m)
         conn.execute(text("RESET lock_timeout"))
         conn.execute(text("RESET statement_timeout"))
     finally:
@@ -229,9 +251,10 @@ def apply_migration(engine: Engine, m: Migration, settings: MigrationSettings,
                 return ApplyResult(m.name, "skipped")
             logger.info(f"Applying migration {m.name} ({m.kind}"
                         f"{', non-transactional' if not m.transactional else ''})")
+            result = ApplyResult(m.name, "applied")
             try:
-                attempts = _with_lock_retries(lambda: _upgrade_once(conn, m, settings, run_id, keys),
-                                              m.name, settings, logger)
+                result.attempts = _with_lock_retries(lambda: _upgrade_once(conn, m, settings, run_id, keys, result),
+                                                     m.name, settings, logger)
             except ledger.RunnerLockLost as exc:
                 raise MigrationLockLost(f"{exc} (while applying {m.name})") from None
             except MigrationError:
@@ -246,9 +269,11 @@ def apply_migration(engine: Engine, m: Migration, settings: MigrationSettings,
         if _lost_connection(exc):
             raise MigrationLockLost(_lost_message(m.name, "locking for", exc)) from None
         raise MigrationError(f"Migration failed: {m.name}: {error_line(exc)}") from None
-    duration = time.monotonic() - started
-    logger.info(f"Applied migration {m.name} in {duration:.2f}s")
-    return ApplyResult(m.name, "applied", duration, attempts)
+    result.duration_s = time.monotonic() - started
+    logger.info(f"Applied migration {m.name} in {result.duration_s:.2f}s")
+    for finding in result.findings:
+        logger.warning(f"Migration {m.name}: {finding}")
+    return result
 
 
 def run_pending(engine: Engine, plan: MigrationPlan, kind: str, settings: MigrationSettings,
