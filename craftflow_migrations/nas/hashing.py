@@ -207,7 +207,7 @@ def make_thumbnail(image: Image.Image, data: bytes) -> bytes | None:
         return None
 
 
-def _describe(data: bytes, limits: DecodeLimits) -> tuple[str | None, int | None, int | None, str | None,
+def _describe(data: bytes, limits: DecodeLimits, thumbnail: bool) -> tuple[str | None, int | None, int | None, str | None,
                                                           bytes | None]:
     with warnings.catch_warnings():
         # Pillow warns about corrupt EXIF, odd sizes and its own bomb limit; the declared size
@@ -219,13 +219,13 @@ def _describe(data: bytes, limits: DecodeLimits) -> tuple[str | None, int | None
             if problem:
                 raise RefusedImage(problem)
             image.load()
-            return phash_hex(image), width, height, fmt, make_thumbnail(image, data)
+            return phash_hex(image), width, height, fmt, make_thumbnail(image, data) if thumbnail else None
 
 
 DEFAULT_LIMITS = DecodeLimits()
 
 
-def describe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageFacts:
+def describe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS, thumbnail: bool = True) -> ImageFacts:
     """Never raises for a bad file: every failure comes back as ``error``, one readable line."""
     sha = hashlib.sha256(data).hexdigest() if data else None
     if not data:
@@ -236,10 +236,10 @@ def describe_image(data: bytes, limits: DecodeLimits = DEFAULT_LIMITS) -> ImageF
     try:
         try:
             with _WATCHDOG.limit(limits.timeout_s):
-                phash, width, height, fmt, thumbnail = _describe(data, limits)
+                phash, width, height, fmt, thumb = _describe(data, limits, thumbnail)
         except DecodeTimeout:
             raise DecodeTimeout(f"decoding took over {limits.timeout_s:g}s (NAS_DECODE_TIMEOUT); skipped") from None
-        return ImageFacts(sha, phash, width, height, fmt, thumbnail=thumbnail)
+        return ImageFacts(sha, phash, width, height, fmt, thumbnail=thumb)
     except UnidentifiedImageError:
         return ImageFacts(sha, None, None, None, None, "not an image (format not recognised)")
     except Image.DecompressionBombError as exc:
