@@ -35,6 +35,7 @@ python_logs:
   python_log_level: INFO
 concurrency:
   pools:
+    # The worker sets nas_sftp's own limit to NAS_MAX_CONCURRENT before each import.
     default_limit: 4
 run_retries:
   enabled: true
