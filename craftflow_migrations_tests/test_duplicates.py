@@ -193,3 +193,12 @@ def test_only_scopes_whose_images_changed_are_regrouped(migrated_url, nas_folder
     assert third["scopes_regrouped"] == 1 and third["near_groups"] == 3
     with engine.connect() as conn:
         assert conn.execute(text("SELECT id FROM design_duplicate_groups ORDER BY id")).scalars().all() == before
+
+
+def test_one_group_per_design_with_its_exact_copies_inside():
+    a = hash_with(set())
+    original, copy, resized = row(1, a, sha="1" * 64), row(2, a, sha="1" * 64), row(3, hash_with({5, 9}), w=50, h=50)
+    twin_a, twin_b = row(4, hash_with(set(range(100, 200))), sha="2" * 64), row(5, hash_with(set(range(100, 200))),
+                                                                               sha="2" * 64)
+    groups = find_groups([original, copy, resized, twin_a, twin_b])
+    assert [(g.kind, [m.id for m in g.members]) for g in groups] == [("exact", [4, 5]), ("near", [1, 2, 3])]

@@ -149,7 +149,11 @@ def _make_group(kind: str, members: list[ImageRow], words: dict[int, np.ndarray]
 
 
 def find_groups(rows: Iterable[ImageRow], threshold: int = DEFAULT_THRESHOLD) -> list[Group]:
-    """Exact groups, then near groups (which may contain exact copies), per scope."""
+    """One group per design, per scope: byte-identical copies and near copies together.
+
+    A group is ``exact`` when all its members are the same bytes, ``near`` otherwise; a near
+    group shows the design's exact copies inside it, never as a second group of their own.
+    """
     if not 0 <= threshold < HASH_BITS:
         raise ValueError(f"threshold {threshold} must be between 0 and {HASH_BITS - 1} bits")
     by_scope: dict[str, list[ImageRow]] = defaultdict(list)
@@ -160,18 +164,17 @@ def find_groups(rows: Iterable[ImageRow], threshold: int = DEFAULT_THRESHOLD) ->
         scoped = sorted(by_scope[scope], key=lambda r: r.sort_key)
         words = hash_words([r.phash for r in scoped])
         word_of = {r.id: words[i] for i, r in enumerate(scoped)}
-        by_sha: dict[str, list[ImageRow]] = defaultdict(list)
-        for r in scoped:
-            by_sha[r.sha256].append(r)
-        groups += [_make_group("exact", m, word_of) for m in by_sha.values() if len(m) > 1]
         uf = UnionFind(len(scoped))
+        first_with_sha: dict[str, int] = {}
+        for i, r in enumerate(scoped):
+            uf.union(first_with_sha.setdefault(r.sha256, i), i)
         for i, j in near_pairs(words, threshold):
             uf.union(int(i), int(j))
         clusters: dict[int, list[ImageRow]] = defaultdict(list)
         for i, r in enumerate(scoped):
             clusters[uf.find(i)].append(r)
         for members in clusters.values():
-            # A cluster made only of identical bytes is already an exact group.
-            if len(members) > 1 and len({m.sha256 for m in members}) > 1:
-                groups.append(_make_group("near", members, word_of))
+            if len(members) > 1:
+                kind = "exact" if len({m.sha256 for m in members}) == 1 else "near"
+                groups.append(_make_group(kind, members, word_of))
     return sorted(groups, key=lambda g: (g.scope, g.kind, g.members[0].sort_key))
