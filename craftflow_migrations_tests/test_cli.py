@@ -114,3 +114,38 @@ def test_canvas_size_migration_resumes_after_being_killed(migrated_url, dagster_
             "SELECT count(*) FROM canvas_sizes WHERE label <> 'custom' AND "
             "(width_in <> split_part(label, 'x', 1)::numeric OR height_in <> split_part(label, 'x', 2)::numeric)"
         )).scalar() == 0
+
+
+def test_nas_failures_are_one_line_each(migrated_url, dagster_home, sshd, tmp_path):
+    """Wrong password, unknown host key, unreachable host: one line naming the host, exit 2."""
+    from .support import free_port
+
+    base = tmp_path / "G"
+    (base / "S" / "T").mkdir(parents=True)
+    env = cli_env(**sshd.env(base), MIGRATION_MODE="nas-only")
+    cases = {
+        "unreachable": ({"QNAP_PORT": str(free_port())}, "Cannot reach NAS 127.0.0.1:"),
+        "unknown key": ({"QNAP_KNOWN_HOSTS": str(tmp_path / "empty_known_hosts")}, "Unknown SSH host key for [127.0.0.1]:"),
+    }
+    (tmp_path / "empty_known_hosts").write_text("")
+    if sshd.password_user:
+        cases["wrong password"] = ({"QNAP_USERNAME": sshd.password_user, "QNAP_KEY_FILE": "",
+                                    "QNAP_PASSWORD": "not-the-password"}, "refused the login of 'cfm_sftp_test'")
+    for name, (overrides, expected) in cases.items():
+        result = run_cli(env={**env, **overrides}, timeout=120)
+        lines = [line for line in result.stdout.splitlines() if line.startswith("❌")]
+        assert result.returncode == 2, (name, result.stdout + result.stderr)
+        assert len(lines) == 1 and expected in lines[0], (name, result.stdout)
+        assert "Traceback" not in result.stdout + result.stderr, name
+        assert "not-the-password" not in result.stdout + result.stderr
+
+
+def test_demo_masks_a_supplied_database_url(postgres_server, database_url, tmp_path):
+    from sqlalchemy.engine import make_url
+
+    url = make_url(database_url).set(password="Dm0-Pw9xK").render_as_string(hide_password=False)
+    env = {k: v for k, v in cli_env(DATABASE_URL=url).items() if k != "DAGSTER_HOME"}
+    result = run_cli("demo", "--dir", str(tmp_path / "demo"), env=env, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "DATABASE_URL='postgresql://postgres:***@" in result.stdout
+    assert "Dm0-Pw9xK" not in result.stdout + result.stderr
