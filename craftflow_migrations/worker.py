@@ -130,12 +130,12 @@ def scan_nas(keys: Sequence[str] | None = None) -> dict[str, str]:
 
 
 def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:
-    from .nas.assets import nas_partitions
+    from .nas.partitions import PARTITIONS_NAME
 
-    known = set(instance.get_dynamic_partitions(nas_partitions.name))
+    known = set(instance.get_dynamic_partitions(PARTITIONS_NAME))
     new = [k for k in keys if k not in known]
     if new:
-        instance.add_dynamic_partitions(nas_partitions.name, new)
+        instance.add_dynamic_partitions(PARTITIONS_NAME, new)
 
 
 def follow_configured_concurrency(instance: dg.DagsterInstance) -> None:
@@ -144,7 +144,7 @@ def follow_configured_concurrency(instance: dg.DagsterInstance) -> None:
     Left at the instance's default, the pool held batch steps to its ``default_limit``
     whatever NAS_MAX_CONCURRENT said.
     """
-    from .nas.assets import SFTP_POOL
+    from .nas.partitions import SFTP_POOL
 
     instance.event_log_storage.set_concurrency_slots(SFTP_POOL, get_settings().nas.max_concurrent)
 
@@ -177,10 +177,8 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     run, across batch steps. Runs are never started from threads: ``execute_job``'s
     logging deadlocks there.
     """
-    from .definitions import nas_import_job_factory, nas_import_run_config
-    from .nas.assets import nas_partitions
     from .nas.names import split_partition_key
-    from .nas.partitions import partitions_to_import
+    from .nas.partitions import PARTITIONS_NAME, partitions_to_import
     from .nas.ranges import contiguous_ranges, partition_tags
 
     fingerprints = scan_nas(partitions)
@@ -189,13 +187,16 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     follow_configured_concurrency(instance)
     if shop is not None:
         keys = [k for k in keys if split_partition_key(k)[0] == shop]
-    order = instance.get_dynamic_partitions(nas_partitions.name)
+    order = instance.get_dynamic_partitions(PARTITIONS_NAME)
     todo = set(partitions_to_import(instance, {k: fingerprints[k] for k in keys}, order, force=force,
                                     skip_in_flight=False))
     outcomes: dict[str, RunOutcome] = {
         key: RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in keys if key not in todo}
     if todo:
-        warm_step_processes(run_config)  # an unchanged NAS starts no step processes at all
+        # An unchanged NAS imports none of the job's code and starts no step processes at all.
+        from .definitions import nas_import_job_factory, nas_import_run_config
+
+        warm_step_processes(run_config)
     for group in contiguous_ranges(sorted(todo), order):
         tags = {**partition_tags(group), **(extra_tags or {})}
         run = _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())

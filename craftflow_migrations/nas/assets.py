@@ -24,6 +24,7 @@ from .clients import NasError
 from .importer import Counts, import_batch, sum_counts
 from .listing import NasFile, list_nas
 from .names import shown
+from .partitions import PARTITIONS_NAME, SFTP_POOL
 from .resource import NasResource
 
 
@@ -57,8 +58,7 @@ class RunPlan:
     partitions: dict[str, PartitionPlan]
 
 
-nas_partitions = dg.DynamicPartitionsDefinition(name="nas_shop_templates")
-SFTP_POOL = "nas_sftp"
+nas_partitions = dg.DynamicPartitionsDefinition(name=PARTITIONS_NAME)
 # Caps parallel batch steps through the executor's tag_concurrency_limits (definitions.py).
 BATCH_STEP_TAG = ("craftflow/step", "nas-batch")
 

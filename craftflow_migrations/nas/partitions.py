@@ -16,6 +16,8 @@ from .ranges import RANGE_END_TAG, RANGE_START_TAG
 
 DESIGN_IMAGES = dg.AssetKey("design_images")
 NAS_IMPORT_JOB = "nas_import"
+PARTITIONS_NAME = "nas_shop_templates"  # the DynamicPartitionsDefinition's name (assets.py)
+SFTP_POOL = "nas_sftp"  # batch steps each hold one SFTP connection
 _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
               dg.DagsterRunStatus.STARTED]
 
