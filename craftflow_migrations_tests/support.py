@@ -142,16 +142,26 @@ MaxSessions 50
                 pass
         self.proc.wait()
 
-    @staticmethod
-    def _password_account() -> tuple[str | None, str | None]:
-        """A throwaway local account for password logins (root only: it edits /etc/shadow)."""
+    _account: tuple[str | None, str | None] | None = None
+
+    @classmethod
+    def _password_account(cls) -> tuple[str | None, str | None]:
+        """A throwaway local account for password logins (root only: it edits /etc/shadow).
+
+        Set once per test process: every server started here shares it, and a second server
+        (the fault tests start their own) must not change the password the first one hands out.
+        """
+        if cls._account is not None:
+            return cls._account
         if os.geteuid() != 0 or not shutil.which("useradd"):
-            return None, None
+            cls._account = (None, None)
+            return cls._account
         name, password = "cfm_sftp_test", uuid.uuid4().hex
         if subprocess.run(["id", name], capture_output=True).returncode != 0:
             subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
         subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
-        return name, password
+        cls._account = (name, password)
+        return cls._account
 
     def env(self, base_path: Path, port: int | None = None) -> dict[str, str]:
         return {
