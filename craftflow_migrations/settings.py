@@ -53,31 +53,29 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 1, maxi
     return value
 
 
-def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
-    """Positive, finite, at least a millisecond: PostgreSQL timeouts are whole milliseconds."""
+def _number(env: Mapping[str, str], name: str, default: float, minimum: float, maximum: float,
+            not_a_number: str, out_of_range: str) -> float:
     raw = _raw(env, name)
     if raw is None:
         return default
     try:
         value = float(raw)
     except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number of seconds (e.g. 5 or 0.5)") from None
-    if not math.isfinite(value) or value < 0.001:
-        raise ConfigError(f"{name}={raw!r} must be a finite number of seconds, at least 0.001")
+        raise ConfigError(f"{name}={raw!r} {not_a_number}") from None
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise ConfigError(f"{name}={raw!r} {out_of_range}")
     return value
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    """Positive, finite, at least a millisecond: PostgreSQL timeouts are whole milliseconds."""
+    return _number(env, name, default, 0.001, math.inf, "is not a number of seconds (e.g. 5 or 0.5)",
+                   "must be a finite number of seconds, at least 0.001")
 
 
 def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
-    raw = _raw(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or not 0 <= value <= 1:
-        raise ConfigError(f"{name}={raw!r} must be a number from 0 to 1 (e.g. 0.05)")
-    return value
+    allowed = "must be a number from 0 to 1 (e.g. 0.05)"
+    return _number(env, name, default, 0.0, 1.0, allowed, allowed)
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -350,6 +348,3 @@ def clear_nas_host() -> None:
 def set_nas_base_path(path: Path) -> None:
     os.environ["NAS_BASE_PATH"] = str(path)
 
-
-def environment_for_subprocess(**overrides: str) -> dict[str, str]:
-    return {**os.environ, **overrides}

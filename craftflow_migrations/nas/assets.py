@@ -8,7 +8,7 @@ per partition with its own counts.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 import dagster as dg
@@ -19,7 +19,7 @@ from ..schema.discovery import discover
 from ..settings import migrations_dir
 from . import store
 from .batching import MB, plan_batches
-from .changes import scan_for_import
+from .changes import PartitionScan, scan_for_import
 from .clients import NasError
 from .importer import Counts, import_batch, sum_counts
 from .listing import NasFile, list_nas
@@ -40,22 +40,10 @@ class BatchPlan:
 
 
 @dataclass(frozen=True)
-class PartitionPlan:
-    shop: str
-    template: str
-    seen: int
-    unchanged: int
-    removed: int
-    skipped: int
-    fingerprint: str
-    problems: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class RunPlan:
     started: float
     batches: int
-    partitions: dict[str, PartitionPlan]
+    partitions: dict[str, PartitionScan]  # without their file lists: the batches carry those
 
 
 nas_partitions = dg.DynamicPartitionsDefinition(name=PARTITIONS_NAME)
@@ -128,9 +116,7 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
         f"{len(problems)} entries recorded as problems"
     )
     yield dg.Output(
-        RunPlan(time.time(), len(batches), {
-            s.key: PartitionPlan(s.shop, s.template, s.seen, s.unchanged, s.removed, s.skipped, s.fingerprint,
-                                 s.problems) for s in scans}),
+        RunPlan(time.time(), len(batches), {s.key: replace(s, to_import=[]) for s in scans}),
         output_name="scan",
     )
     for i, batch in enumerate(batches):

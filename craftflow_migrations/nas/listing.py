@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from .clients.base import NasClient, NasError
-from .names import is_hidden, is_utf8, partition_key, shown, text_of
+from .names import is_hidden, is_utf8, partition_key, shown, split_partition_key, text_of
 
 log = logging.getLogger("craftflow_migrations.nas")
 
@@ -203,15 +203,10 @@ def list_nas(client: NasClient, keys: Sequence[str] | None = None,
     for key in wanted:
         folder = by_key.get(key)
         if folder is None:
-            out[key] = PartitionListing(PartitionFolder(key, *_key_texts(key), b""), missing=True)
+            out[key] = PartitionListing(PartitionFolder(key, *split_partition_key(key), b""), missing=True)
             continue
         out[key] = list_partition(client, folder)
     for p in problems:
         logger.warning(f"NAS listing: {p.line()}")
     return out, problems
 
-
-def _key_texts(key: str) -> tuple[str, str]:
-    from .names import split_partition_key
-
-    return split_partition_key(key)

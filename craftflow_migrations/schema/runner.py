@@ -26,6 +26,8 @@ from ..db import error_line
 from ..settings import MigrationSettings
 from . import ledger
 from .discovery import Migration, MigrationPlan, dependents_of
+from .plan import _has_rows, _locks, capture
+from .rules import check_statements
 
 log = logging.getLogger("craftflow_migrations.runner")
 
@@ -162,8 +164,6 @@ def _end_autocommit(conn: Connection, level: str) -> None:
 
 def _observe(result: ApplyResult, statements: list[str], rows: list[int], locks: list[tuple[str, str]],
              tables_with_rows: set[str], m: Migration) -> None:
-    from .rules import check_statements
-
     result.statements, result.rows = list(statements), sum(rows)
     result.locks = [f"{table}: {mode}" for table, mode in locks]
     result.findings = [f.line() for f in check_statements(statements, tables_with_rows, m.acknowledged)]
@@ -171,8 +171,6 @@ def _observe(result: ApplyResult, statements: list[str], rows: list[int], locks:
 
 def _upgrade_once(conn: Connection, m: Migration, settings: MigrationSettings, run_id: str | None,
                   keys: list[int], result: ApplyResult) -> None:
-    from .plan import _has_rows, _locks, capture
-
     started = time.monotonic()
     if m.transactional:
         with conn.begin():
