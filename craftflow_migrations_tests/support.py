@@ -240,8 +240,8 @@ def write_bad_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def import_local_folder(url: str, base: Path, keys: list[str] | None = None, **kwargs) -> dict:
-    """List and import a local folder without Dagster: the plain-Python path of the asset."""
+def import_local_folder(url: str, base: Path, keys: list[str] | None = None, client=None, **kwargs) -> dict:
+    """List and import a local folder (or ``client``'s NAS) without Dagster: the asset's plain-Python path."""
     from craftflow_migrations.db import get_engine
     from craftflow_migrations.nas import store
     from craftflow_migrations.nas.changes import scan_for_import
@@ -254,7 +254,7 @@ def import_local_folder(url: str, base: Path, keys: list[str] | None = None, **k
     settings = kwargs.pop("settings", NasSettings())
     with engine.connect() as conn:
         listed_at = store.db_now(conn)
-    with LocalNasClient(base) as client:
+    with client or LocalNasClient(base) as client:
         listings, _ = list_nas(client, keys)
         scans = scan_for_import(listings, engine, listed_at, settings.max_file_mb * 2**20)
         files = [f for s in scans for f in s.to_import]

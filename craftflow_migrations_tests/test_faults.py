@@ -262,3 +262,24 @@ def test_sshd_down_mid_batch_retries_when_back_and_fails_clearly_when_not(migrat
         assert total >= committed and total == ok and twice == 0  # what was written stays
     finally:
         server.kill()
+
+
+def test_import_connection_terminated_mid_batch_is_retried_and_completes(migrated_url, dagster_home, tmp_path):
+    """pg_terminate_backend on the batch step's connection: the batch is retried, nothing is lost or doubled."""
+    from .support import write_corpus
+
+    base = tmp_path / "G"
+    write_corpus(base, {("Cut DB", "T"): 40}, size=(800, 600))
+    env = cli_env(NAS_BASE_PATH=str(base), NAS_COMMIT_EVERY="2")
+    engine = get_engine(migrated_url)
+    proc = subprocess.Popen(_import_cmd("Cut DB/T"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    _wait_rows(engine, "Cut DB", 4, proc)
+    with engine.connect() as conn:
+        terminated = conn.execute(text(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name = 'craftflow_migrations' AND pid <> pg_backend_pid()")).scalar()
+    assert terminated >= 1
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert _rows(engine, "Cut DB") == (40, 40, 0)

@@ -207,7 +207,8 @@ def test_a_large_print_canvas_still_imports():
     assert (facts.width, facts.height) == (12000, 18000)
 
 
-def test_touching_one_file_reimports_exactly_one_row(migrated_url, tmp_path):
+@pytest.mark.parametrize("backend", ["local", "sftp"])
+def test_touching_one_file_reimports_exactly_one_row(backend, migrated_url, tmp_path, sshd):
     folder = tmp_path / "G" / "Shop" / "Big"
     folder.mkdir(parents=True)
     data = png_bytes(1, (8, 8))
@@ -216,9 +217,13 @@ def test_touching_one_file_reimports_exactly_one_row(migrated_url, tmp_path):
         path.write_bytes(data)
         # Nanosecond mtimes that a float cannot carry exactly.
         os.utime(path, ns=(1_700_000_000_123_456_789 + i * 1_001, 1_700_000_000_123_456_789 + i * 1_001))
-    first = import_local_folder(migrated_url, tmp_path / "G")
+
+    def client():
+        return open_sftp(sshd, tmp_path / "G") if backend == "sftp" else None
+
+    first = import_local_folder(migrated_url, tmp_path / "G", client=client())
     assert first["result"].total.imported == 3000
     os.utime(folder / "f01234.png", ns=(1_800_000_000_987_654_321, 1_800_000_000_987_654_321))
-    again = import_local_folder(migrated_url, tmp_path / "G")
+    again = import_local_folder(migrated_url, tmp_path / "G", client=client())
     assert again["scans"]["Shop/Big"].unchanged == 2999
     assert again["result"].total.imported == 1
