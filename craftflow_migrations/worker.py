@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 from sqlalchemy import text
@@ -115,18 +116,21 @@ class NasNotConfigured(RuntimeError):
     pass
 
 
-def scan_nas(keys: Sequence[str] | None = None) -> dict[str, str]:
-    """Listing fingerprint of every partition on the NAS (or of ``keys``), over one connection."""
+def scan_nas(keys: Sequence[str] | None = None):
+    """Every partition on the NAS (or ``keys``), listed over one connection, with when it began."""
+    from .nas import store
     from .nas.clients import open_client
-    from .nas.listing import list_nas
+    from .nas.listing import SavedListing, list_nas
 
-    nas = get_settings().nas
-    missing = nas.missing()
+    settings = get_settings()
+    missing = settings.nas.missing()
     if missing:
         raise NasNotConfigured(f"set {', '.join(missing)}")
-    with open_client(nas) as client:
+    with get_engine(settings.require_database_url()).connect() as conn:
+        listed_at = store.db_now(conn)
+    with open_client(settings.nas) as client:
         listings, _ = list_nas(client, keys, log)
-    return {key: listing.fingerprint for key, listing in listings.items()}
+    return SavedListing(listed_at, listings)
 
 
 def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:
@@ -177,11 +181,13 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     run, across batch steps. Runs are never started from threads: ``execute_job``'s
     logging deadlocks there.
     """
+    from .nas.listing import LISTING_TAG, SavedListing, save_listing
     from .nas.names import split_partition_key
     from .nas.partitions import PARTITIONS_NAME, partitions_to_import
     from .nas.ranges import contiguous_ranges, partition_tags
 
-    fingerprints = scan_nas(partitions)
+    listing = scan_nas(partitions)
+    fingerprints = {key: li.fingerprint for key, li in listing.partitions.items()}
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
     follow_configured_concurrency(instance)
@@ -199,7 +205,14 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
         warm_step_processes(run_config)
     for group in contiguous_ranges(sorted(todo), order):
         tags = {**partition_tags(group), **(extra_tags or {})}
-        run = _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())
+        # The run's plan step reads this listing instead of listing the NAS a second time.
+        saved = save_listing(Path(instance.root_directory) / "storage" / "listings",
+                             SavedListing(listing.listed_at, {k: listing.partitions[k] for k in group}))
+        try:
+            run = _execute(nas_import_job_factory, instance, tags={**tags, LISTING_TAG: str(saved)},
+                           run_config=run_config or nas_import_run_config())
+        finally:
+            saved.unlink(missing_ok=True)
         for key in group:
             outcomes[key] = RunOutcome(run.job, run.run_id, run.success, partition=key, failures=run.failures,
                                        skipped=run.skipped, materializations=run.materializations)

@@ -306,6 +306,10 @@ def test_backfill_one_shop_from_the_cli(migrated_url, dagster_home, tmp_path):
         assert len(runs) == 1
         assert runs[0].dagster_run.tags["dagster/asset_partition_range_start"] == "Shop A/T1"
         assert runs[0].dagster_run.tags["dagster/asset_partition_range_end"] == "Shop A/T2"
+        # Listed once per run: the plan step read the worker's listing, which is gone afterwards.
+        messages = [r.event_log_entry.user_message for r in instance.get_records_for_run(runs[0].dagster_run.run_id).records]
+        assert any("listed by the worker" in m for m in messages)
+        assert not list((dagster_home / "storage" / "listings").glob("*"))
         meta = {k: materialization(instance, k) for k in ("Shop A/T1", "Shop A/T2")}
         assert meta["Shop A/T1"]["files_seen"] == 2 and meta["Shop A/T2"]["files_seen"] == 3
         assert meta["Shop A/T1"]["files_imported"] == 2 and meta["Shop A/T2"]["files_imported"] == 3

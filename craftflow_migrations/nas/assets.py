@@ -22,7 +22,7 @@ from .batching import MB, plan_batches
 from .changes import PartitionScan, scan_for_import
 from .clients import NasError
 from .importer import Counts, import_batch, sum_counts
-from .listing import NasFile, list_nas
+from .listing import LISTING_TAG, NasFile, list_nas, load_listing
 from .names import shown
 from .partitions import PARTITIONS_NAME, SFTP_POOL
 from .resource import NasResource
@@ -89,13 +89,19 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
     if nas.missing():
         raise dg.Failure(description=f"NAS credentials not configured: set {', '.join(nas.missing())}")
     started = time.monotonic()
-    with postgres.engine.connect() as conn:
-        listed_at = store.db_now(conn)
-    try:
-        with nas.open() as client:
-            listings, _ = list_nas(client, keys, context.log)
-    except NasError as exc:
-        raise dg.Failure(description=str(exc)) from None
+    # A run the worker started names the listing it made (listed once per run); a run from the
+    # UI, a sensor or a backfill lists its folders here.
+    saved = load_listing(context.run.tags.get(LISTING_TAG), keys)
+    if saved is not None:
+        listed_at, listings = saved.listed_at, saved.partitions
+    else:
+        with postgres.engine.connect() as conn:
+            listed_at = store.db_now(conn)
+        try:
+            with nas.open() as client:
+                listings, _ = list_nas(client, keys, context.log)
+        except NasError as exc:
+            raise dg.Failure(description=str(exc)) from None
     scans = scan_for_import(listings, postgres.engine, listed_at, nas.settings.max_file_mb * MB)
     to_import = [f for scan in scans for f in scan.to_import]
     if nas.batched:
@@ -109,7 +115,8 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
     for line in problems[:20]:
         context.log.warning(f"NAS listing: {line}")
     context.log.info(
-        f"{len(keys)} partition(s) on {nas.description} listed in {time.monotonic() - started:.2f}s: "
+        f"{len(keys)} partition(s) on {nas.description} "
+        f"{'listed by the worker' if saved else 'listed'}, diffed in {time.monotonic() - started:.2f}s: "
         f"{sum(s.seen for s in scans)} files, {sum(s.unchanged for s in scans)} unchanged, "
         f"{len(to_import)} to import ({sum(f.size for f in to_import) / MB:,.1f} MB) in {len(batches)} batch(es), "
         f"{sum(s.removed for s in scans)} removed, {sum(s.skipped for s in scans)} over the size cap, "

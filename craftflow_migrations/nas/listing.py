@@ -19,8 +19,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import pickle
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
 
 from .clients.base import NasClient, NasError
 from .names import is_hidden, is_utf8, partition_key, shown, split_partition_key, text_of
@@ -187,6 +191,38 @@ def list_partition(client: NasClient, folder: PartitionFolder) -> PartitionListi
                                              None if is_utf8(child) else child))
     listing.files.sort(key=lambda f: f.path)
     return listing
+
+
+@dataclass
+class SavedListing:
+    """A run's listing, written by the worker and read by the run's plan step: listed once per run."""
+
+    listed_at: datetime
+    partitions: dict[str, PartitionListing]
+
+
+# The run tag naming the listing file of a run the worker started.
+LISTING_TAG = "craftflow/listing"
+
+
+def save_listing(folder: Path, listing: SavedListing) -> Path:
+    """Pickled into Dagster's own storage folder (where step outputs are pickled too)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"listing-{uuid.uuid4().hex}.pickle"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(pickle.dumps(listing, protocol=pickle.HIGHEST_PROTOCOL))
+    tmp.replace(path)
+    return path
+
+
+def load_listing(path: str | None, keys: Sequence[str]) -> SavedListing | None:
+    """The saved listing of these keys, or None (no tag, file gone, or not covering every key)."""
+    if not path or not Path(path).is_file():
+        return None
+    saved: SavedListing = pickle.loads(Path(path).read_bytes())
+    if not all(k in saved.partitions for k in keys):
+        return None
+    return SavedListing(saved.listed_at, {k: saved.partitions[k] for k in keys})
 
 
 def list_nas(client: NasClient, keys: Sequence[str] | None = None,
