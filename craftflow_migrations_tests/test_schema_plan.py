@@ -171,3 +171,18 @@ def test_batched_update_reaches_rows_that_offset_paging_skips(engine):
         assert conn.execute(text("SELECT count(*) FROM craftflow_migration_checkpoints")).scalar() == 0
     assert (result.rows_seen, result.batches) == (1000, 10)
     assert took >= result.seconds * 0.4  # the throttle slept about as long as the batches ran
+
+
+def test_a_non_transactional_migration_that_disables_lock_timeout_is_reported(engine, tmp_path):
+    from .test_schema_runner import single_migration
+
+    folder = single_migration(
+        tmp_path, "no_timeout",
+        "from sqlalchemy import text\nDEPENDS_ON = []\nTRANSACTIONAL = False\n"
+        "def upgrade(connection):\n"
+        "    connection.execute(text('SET lock_timeout = 0'))\n"
+        "    connection.execute(text('CREATE TABLE IF NOT EXISTS t (id int)'))\n"
+    )
+    [result] = run_pending(engine, discover(folder), "startup", FAST).results
+    assert result.state == "applied"
+    assert [f.split("]")[0] for f in result.findings] == ["[lock-timeout-disabled"]

@@ -154,12 +154,23 @@ def pending(engine: Engine, migrations: list[Migration]) -> list[str]:
     return [m.name for m in migrations if m.name not in done]
 
 
-def _end_autocommit(conn: Connection, level: str) -> None:
-    # SQLAlchemy keeps a logical transaction even in AUTOCOMMIT; it must end before the level changes.
-    if conn.in_transaction():
-        conn.rollback() if conn.invalidated else conn.commit()
-    if not conn.invalidated:
-        conn.execution_options(isolation_level=level)
+@contextmanager
+def _autocommit(conn: Connection, settings: MigrationSettings) -> Iterator[None]:
+    """The runner's session in AUTOCOMMIT with its timeouts, for a non-transactional migration."""
+    level = conn.default_isolation_level
+    conn.execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        _set_timeouts(conn, settings, local=False)
+        with _concurrent_builds_wait(conn, settings):
+            yield
+        conn.execute(text("RESET lock_timeout"))
+        conn.execute(text("RESET statement_timeout"))
+    finally:
+        # SQLAlchemy keeps a logical transaction even in AUTOCOMMIT; it must end before the level changes.
+        if conn.in_transaction():
+            conn.rollback() if conn.invalidated else conn.commit()
+        if not conn.invalidated:
+            conn.execution_options(isolation_level=level)
 
 
 def _observe(result: ApplyResult, statements: list[str], rows: list[int], locks: list[tuple[str, str]],
@@ -186,18 +197,10 @@ def _upgrade_once(conn: Connection, m: Migration, settings: MigrationSettings, r
         return
     # Statements such as CREATE INDEX CONCURRENTLY refuse a transaction block. The file must
     # be idempotent: a crash between its last statement and the ledger row re-runs it.
-    default_level = conn.default_isolation_level
-    conn.execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        _set_timeouts(conn, settings, local=False)
-        with _concurrent_builds_wait(conn, settings), capture(conn) as (statements, rows):
-            m.upgrade(conn)
-        # Autocommitted statements hold no locks afterwards; what they executed is still checked.
-        _observe(result, [s for s in statements if not s.upper().startswith("SET LOCK_TIMEOUT")], rows, [], set(), m)
-        conn.execute(text("RESET lock_timeout"))
-        conn.execute(text("RESET statement_timeout"))
-    finally:
-        _end_autocommit(conn, default_level)
+    with _autocommit(conn, settings), capture(conn) as (statements, rows):
+        m.upgrade(conn)
+    # Autocommitted statements hold no locks afterwards; what they executed is still checked.
+    _observe(result, statements, rows, [], set(), m)
     with conn.begin():
         ledger.assert_locks_held(conn, keys)
         ledger.record(conn, m, int((time.monotonic() - started) * 1000), run_id)
@@ -348,16 +351,8 @@ def downgrade_to(engine: Engine, plan: MigrationPlan, target: str, settings: Mig
                             ledger.assert_locks_held(conn, sorted(keys))
                             ledger.forget(conn, m.name)
                         return
-                    default_level = conn.default_isolation_level
-                    conn.execution_options(isolation_level="AUTOCOMMIT")
-                    try:
-                        _set_timeouts(conn, settings, local=False)
-                        with _concurrent_builds_wait(conn, settings):
-                            m.downgrade(conn)
-                        conn.execute(text("RESET lock_timeout"))
-                        conn.execute(text("RESET statement_timeout"))
-                    finally:
-                        _end_autocommit(conn, default_level)
+                    with _autocommit(conn, settings):
+                        m.downgrade(conn)
                     with conn.begin():
                         ledger.assert_locks_held(conn, sorted(keys))
                         ledger.forget(conn, m.name)
