@@ -201,18 +201,24 @@ def _wait_rows(engine, shop: str, at_least: int, proc: subprocess.Popen, timeout
     raise AssertionError(f"import did not reach {at_least} rows (had {count}, exit {proc.poll()})")
 
 
-def test_batch_step_killed_mid_import_then_rerun_imports_each_file_once(migrated_url, dagster_home, tmp_path):
-    import psutil
-
+def _start_local_import(url: str, tmp_path, shop: str):
+    """A real `craftflow-migrate import` of 40 designs in a subprocess, once it has committed rows."""
     from .support import write_corpus
 
     base = tmp_path / "G"
-    write_corpus(base, {("Kill Step", "T"): 40}, size=(800, 600))
+    write_corpus(base, {(shop, "T"): 40}, size=(800, 600))
     env = cli_env(NAS_BASE_PATH=str(base), NAS_COMMIT_EVERY="2")
-    engine = get_engine(migrated_url)
-    proc = subprocess.Popen(_import_cmd("Kill Step/T"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    _wait_rows(engine, "Kill Step", 4, proc)
+    engine = get_engine(url)
+    proc = subprocess.Popen(_import_cmd(f"{shop}/T"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    _wait_rows(engine, shop, 4, proc)
+    return engine, env, proc
+
+
+def test_batch_step_killed_mid_import_then_rerun_imports_each_file_once(migrated_url, dagster_home, tmp_path):
+    import psutil
+
+    engine, env, proc = _start_local_import(migrated_url, tmp_path, "Kill Step")
     # The batch step is the process holding a connection that writes design_images rows.
     with engine.connect() as conn:
         port = conn.execute(text(
@@ -266,15 +272,7 @@ def test_sshd_down_mid_batch_retries_when_back_and_fails_clearly_when_not(migrat
 
 def test_import_connection_terminated_mid_batch_is_retried_and_completes(migrated_url, dagster_home, tmp_path):
     """pg_terminate_backend on the batch step's connection: the batch is retried, nothing is lost or doubled."""
-    from .support import write_corpus
-
-    base = tmp_path / "G"
-    write_corpus(base, {("Cut DB", "T"): 40}, size=(800, 600))
-    env = cli_env(NAS_BASE_PATH=str(base), NAS_COMMIT_EVERY="2")
-    engine = get_engine(migrated_url)
-    proc = subprocess.Popen(_import_cmd("Cut DB/T"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
-    _wait_rows(engine, "Cut DB", 4, proc)
+    engine, _, proc = _start_local_import(migrated_url, tmp_path, "Cut DB")
     with engine.connect() as conn:
         terminated = conn.execute(text(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = current_database() "
