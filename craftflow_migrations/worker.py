@@ -9,7 +9,7 @@ batches hashed in parallel by the multiprocess executor.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +18,7 @@ from sqlalchemy import text
 
 from .db import get_engine
 from .nas.clients import NasError
+from .nas.partitions import plain_metadata
 from .settings import get_settings
 
 log = logging.getLogger("craftflow_migrations.worker")
@@ -44,11 +45,6 @@ class RunOutcome:
 LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 
-def _plain(metadata: Mapping) -> dict:
-    """Metadata values without their Dagster wrappers (``MetadataValue.value``)."""
-    return {k: getattr(v, "value", v) for k, v in metadata.items()}
-
-
 def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstance,
              tags: dict[str, str] | None = None, run_config: dict | None = None) -> RunOutcome:
     run_config = {**LOG_CONFIG, **(run_config or {})}
@@ -62,10 +58,10 @@ def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstan
                            data.user_failure_data.description else data.error.message.strip() if data.error else "")
                 outcome.failures.append(f"{event.step_key}: {message.splitlines()[0] if message else 'failed'}")
             elif event.is_successful_output:
-                outcome.metadata[event.step_key] = _plain(event.step_output_data.metadata)
+                outcome.metadata[event.step_key] = plain_metadata(event.step_output_data.metadata)
             elif event.is_step_materialization:
                 mat = event.step_materialization_data.materialization
-                outcome.materializations[mat.partition] = _plain(mat.metadata)
+                outcome.materializations[mat.partition] = plain_metadata(mat.metadata)
         started = {e.step_key for e in result.all_events if e.is_step_start}
         if not result.success:
             # Dagster abandons the dependents of a failed step without a step event.

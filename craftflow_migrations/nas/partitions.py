@@ -22,7 +22,8 @@ _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Da
               dg.DagsterRunStatus.STARTED]
 
 
-def _plain(metadata: Mapping) -> dict:
+def plain_metadata(metadata: Mapping) -> dict:
+    """Metadata values without their Dagster wrappers (``MetadataValue.value``)."""
     return {k: getattr(v, "value", v) for k, v in metadata.items()}
 
 
@@ -42,7 +43,7 @@ def last_fingerprints(instance: dg.DagsterInstance, keys: Sequence[str]) -> dict
                                                   limit=len(chunk)).records
         for record in records:
             mat = record.asset_materialization
-            fingerprint = _plain(mat.metadata).get("listing_fingerprint")
+            fingerprint = plain_metadata(mat.metadata).get("listing_fingerprint")
             if mat.partition is not None and fingerprint:
                 out[mat.partition] = fingerprint
     return out
