@@ -1,9 +1,19 @@
-"""Near-duplicate grouping of 100,000 256-bit hashes: banded index vs an all-pairs baseline.
+"""Regrouping at catalogue scale: 100,000 and 1,000,000 hashes side by side, with a baseline.
 
-The data: random hashes with 2% planted near copies (0-21 bits flipped). Both methods run on
-the same data in one run; the script checks they find the same pairs.
+The data: random 256-bit hashes in one scope (the worst case: a single tenant), with 2%
+planted copies of other rows. A planted copy differs by 0-80 bits, drawn the way real
+edits move a pHash: high frequencies flip more often than low ones (the weights grow
+with u + v, as measured on real photographs in ``bench_duplicate_quality``).
 
-    .venv/bin/python -m benchmarks.bench_duplicates [--n 100000] [--threshold 22]
+Two methods on the same data in one run:
+
+- ``sorted windows``: :func:`craftflow_migrations.duplicates.grouping.cluster`, the grouping
+  the asset runs (candidate search, same-bytes and sure joins, union of components);
+  planted copies beyond ``sure_bits`` would go to the thumbnail check, counted here;
+- ``all pairs``: every pair compared in numpy blocks, the simple baseline. At 1,000,000
+  it is timed on a slice of rows and scaled by the number of pairs (it would take hours).
+
+    .venv/bin/python -m benchmarks.bench_duplicates [--sizes 100000 1000000]
 """
 
 from __future__ import annotations
@@ -13,53 +23,82 @@ import time
 
 import numpy as np
 
-from craftflow_migrations.duplicates.grouping import hash_words, near_pairs
+from craftflow_migrations.duplicates.candidates import HASH_BITS, candidate_pairs
+from craftflow_migrations.duplicates.grouping import Matching, cluster
+
+_U, _V = np.divmod(np.arange(HASH_BITS), 16)
+FLIP_WEIGHTS = (_U + _V + 1) / (_U + _V + 1).sum()
 
 
-def corpus(n: int, seed: int = 0) -> list[str]:
+def corpus(n: int, max_bits: int = 80, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(words (n, 4) uint64, planted (k, 2) row pairs, planted distances (k,))``."""
     rng = np.random.default_rng(seed)
-    words = rng.integers(0, 2**63, size=(n, 4), dtype=np.uint64) | (
-        rng.integers(0, 2, size=(n, 4), dtype=np.uint64) << np.uint64(63))
-    for k, source in enumerate(rng.integers(n // 50, n, n // 50)):
-        copy = words[source].copy()
-        for bit in rng.choice(256, size=int(rng.integers(0, 22)), replace=False):
-            copy[bit // 64] ^= np.uint64(1) << np.uint64(63 - bit % 64)
-        words[k] = copy
-    return ["".join(f"{int(w):016x}" for w in row) for row in words]
+    raw = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
+    planted = n // 50
+    copies = rng.choice(n, size=planted, replace=False)
+    sources = rng.choice(np.setdiff1d(np.arange(n), copies), size=planted)
+    bits = np.unpackbits(raw[sources], axis=1)
+    distances = rng.integers(0, max_bits + 1, size=planted)
+    # d distinct bits per copy, drawn by weight: the d largest of log(weight) + Gumbel noise.
+    ranked = np.argsort(-(np.log(FLIP_WEIGHTS) + rng.gumbel(size=(planted, HASH_BITS))), axis=1)
+    flip = np.arange(HASH_BITS)[None, :] < distances[:, None]
+    rows = np.repeat(np.arange(planted), distances)
+    bits[rows, ranked[flip]] ^= 1
+    raw[copies] = np.packbits(bits, axis=1)
+    words = raw.view(">u8").astype(np.uint64)
+    return words, np.stack([np.minimum(sources, copies), np.maximum(sources, copies)], axis=1), distances
 
 
-def all_pairs(words: np.ndarray, threshold: int, block: int = 512) -> np.ndarray:
-    """Every pair compared, in numpy blocks (a Python loop over pairs would take hours)."""
+def all_pairs(words: np.ndarray, threshold: int, rows: slice | None = None, block: int = 256) -> np.ndarray:
+    """Every pair (i < j) within ``threshold``, for the rows of ``rows`` against all."""
+    rows = rows or slice(0, len(words))
     found = []
     columns = [np.ascontiguousarray(words[:, w]) for w in range(4)]
-    for start in range(0, len(words), block):
-        distances = np.zeros((min(block, len(words) - start), len(words)), dtype=np.uint16)
+    for start in range(rows.start, rows.stop, block):
+        stop = min(start + block, rows.stop)
+        distances = np.zeros((stop - start, len(words)), dtype=np.uint16)
         for col in columns:
-            distances += np.bitwise_count(col[start:start + block, None] ^ col[None, :])
+            distances += np.bitwise_count(col[start:stop, None] ^ col[None, :])
         i, j = np.nonzero(distances <= threshold)
         i = i + start
         keep = i < j
         found.append(np.stack([i[keep], j[keep]], axis=1))
-    return np.unique(np.concatenate(found), axis=0)
+    return np.concatenate(found) if found else np.empty((0, 2), dtype=np.int64)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=100_000)
-    parser.add_argument("--threshold", type=int, default=22)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--baseline-rows", type=int, default=4_000, help="rows timed for the all-pairs baseline")
     args = parser.parse_args()
-    words = hash_words(corpus(args.n))
-    started = time.perf_counter()
-    banded = near_pairs(words, args.threshold)
-    banded_s = time.perf_counter() - started
-    started = time.perf_counter()
-    brute = all_pairs(words, args.threshold)
-    brute_s = time.perf_counter() - started
-    same = np.array_equal(banded, brute)
-    print(f"{args.n:,} hashes of 256 bits, threshold {args.threshold} bits, {len(banded):,} near pairs")
-    print(f"  banded index ({args.threshold + 1} bands) {banded_s:8.2f} s")
-    print(f"  all pairs (numpy blocks)     {brute_s:8.2f} s   -> banded is {brute_s / banded_s:.0f}x faster")
-    print(f"  same pairs found: {same}")
+    matching = Matching()
+    print(f"one scope, 2% planted copies 0-{matching.candidate_bits} bits away; sure <= {matching.sure_bits} bits, "
+          f"candidates <= {matching.candidate_bits}; {matching.orders} orders x window {matching.window}")
+    header = f"{'hashes':>10} {'sorted windows':>15} {'all pairs':>12} {'speed-up':>9}  planted pairs found (by distance)"
+    print(header)
+    for n in args.sizes:
+        words, planted, distances = corpus(n)
+        scopes = np.zeros(n, dtype=np.int64)
+        shas = np.arange(n).astype(str)
+        started = time.perf_counter()
+        result = cluster(words, scopes, shas, matching)
+        ours = time.perf_counter() - started
+        pairs, _ = candidate_pairs(words, scopes, matching.candidate_bits, matching.orders, matching.window)
+        found = set(map(tuple, pairs.tolist()))
+        by_band = []
+        for lo, hi in ((0, matching.sure_bits), (matching.sure_bits + 1, 50), (51, 80)):
+            band = (distances >= lo) & (distances <= hi)
+            hit = sum(tuple(p) in found for p in planted[band].tolist())
+            by_band.append(f"{lo}-{hi}: {hit / max(band.sum(), 1):.3f}")
+        rows = min(args.baseline_rows, n)
+        started = time.perf_counter()
+        all_pairs(words, matching.candidate_bits, slice(0, rows))
+        sample = time.perf_counter() - started
+        # Pairs compared: rows x n for the slice, n (n - 1) / 2 in all.
+        baseline = sample * (n * (n - 1) / 2) / (rows * n)
+        measured = "" if rows == n else " (est.)"
+        print(f"{n:>10,} {ours:>14.1f}s {baseline:>11.0f}s{measured:<6} {baseline / ours:>7.0f}x  "
+              f"{', '.join(by_band)}; {result.candidate_pairs:,} candidate pairs")
 
 
 if __name__ == "__main__":

@@ -298,24 +298,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_duplicates(args: argparse.Namespace) -> int:
-    from .duplicates.store import groups_for_shop
+    from .duplicates.report import bytes_freed, group_record, human_bytes, ordered
+    from .duplicates.store import stored_groups
 
     url = _database_url()
     with get_engine(url).connect() as conn:
-        groups = groups_for_shop(conn, args.shop)
+        groups = ordered(stored_groups(conn, args.shop))
     if args.json:
-        _out(json.dumps(groups, indent=2, ensure_ascii=False))
+        _out(json.dumps([group_record(g) for g in groups], indent=2, ensure_ascii=False))
         return EXIT_OK
     if not groups:
         _out(f"No duplicate groups{f' for shop {args.shop!r}' if args.shop else ''}")
         return EXIT_OK
     for g in groups:
-        _out(f"{g['kind']} group {g['id']} ({len(g['members'])} files, up to {g['max_distance']} bits apart): "
-             f"keep {g['keep']['shop']}/{g['keep']['template']}/{g['keep']['path'].split('/')[-1]} "
-             f"- {g['keep_reason']}")
-        for m in g["members"]:
-            mark = "keep" if m["keep"] else f"{m['distance']:>4}"
-            _out(f"  {mark:>4}  {m['width']}x{m['height']} {m['format']:5} {m['path']}")
+        keep = g.keep
+        _out(f"{g.kind} group {g.id} ({len(g.members)} files, frees {human_bytes(bytes_freed(g))}): "
+             f"keep {keep.shop}/{keep.template}/{keep.path.split('/')[-1]} - {g.keep_reason}")
+        for m in g.members:
+            mark = "keep" if m.id == keep.id else f"{g.distances[m.id]:>4}"
+            _out(f"  {mark:>4}  {m.width}x{m.height} {m.format or '':5} {m.path}")
     return EXIT_OK
 
 

@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
@@ -151,8 +152,14 @@ def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_pat
         assert conn.execute(text("SELECT count(*) FROM design_duplicate_groups")).scalar() == 3
         assert conn.execute(text("SELECT count(*) FROM design_duplicate_members WHERE is_keep")).scalar() == 3
 
+    index = (report_dir / "index.html").read_text()
     dom = rendered_dom((report_dir / "index.html").as_uri())
-    assert 'data-thumbs-total="18"' in dom and 'data-thumbs-loaded="18"' in dom
+    assert 'data-scope="tenant:1"' in dom and "Acme (tenant 1)" in dom
+    assert 'data-shop="Shop A"' in dom and 'data-shop="Shop B"' in dom
+    page = re.search(r'href="(pages-\d+/[^"]+/page-1\.html)"', index).group(1)
+    scope_dom = rendered_dom((report_dir / page).as_uri())
+    assert 'data-thumbs-total="18"' in scope_dom and 'data-thumbs-loaded="18"' in scope_dom
+    assert "All tenants and shops" in scope_dom
 
     env = cli_env()
     out = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "duplicates", "--shop", "Shop B", "--json"],
@@ -162,6 +169,9 @@ def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_pat
     assert len(groups) == 3
     assert all(g["keep"]["path"].endswith(".png") and g["keep"]["shop"] == "Shop A" for g in groups)
     assert {m["template"] for g in groups for m in g["members"]} == {"Posters", "Canvas"}
+    # The same groups, in the same order, as the report's page of that tenant.
+    assert [g["id"] for g in groups] == [int(i) for i in re.findall(r'data-group-id="(\d+)"', scope_dom)]
+    assert all(g["bytes_freed"] == sum(m["size_bytes"] for m in g["members"] if not m["keep"]) > 0 for g in groups)
     text_out = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "duplicates", "--shop", "Shop A"],
                               env=env, capture_output=True, text=True, timeout=120).stdout
     assert text_out.count("near group") == 3 and "keep Shop A/Posters/design0.png" in text_out

@@ -4,16 +4,17 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 from sqlalchemy import text
 
 from ..db import PostgresResource
-from ..nas import store as nas_store
 from ..nas.assets import design_images
 from ..nas.hashing import PHASH_ALGORITHM
 from ..settings import get_settings
 from . import store
-from .grouping import DEFAULT_THRESHOLD, find_groups
+from .grouping import CANDIDATE_BITS, DEFAULT_THRESHOLD, Matching, cluster, make_group, members_of
 from .report import write_report
+from .similarity import SAME_PICTURE
 
 
 def default_report_dir() -> Path:
@@ -24,7 +25,12 @@ def default_report_dir() -> Path:
 
 
 class DuplicatesConfig(dg.Config):
+    # pHashes this close (of 256 bits) are one design without a second look.
     threshold: int = DEFAULT_THRESHOLD
+    # Up to this far, the stored thumbnails decide (crops, rotations, watermarks).
+    candidate_bits: int = CANDIDATE_BITS
+    # The thumbnails' score from which two files are the same picture (1.0: identical).
+    same_picture: float = SAME_PICTURE
     report_dir: str = ""
     # Regroup every scope, not only those whose images changed (after editing shops' tenants).
     full: bool = False
@@ -39,32 +45,46 @@ class DuplicatesConfig(dg.Config):
 def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfig,
                       postgres: PostgresResource) -> dg.MaterializeResult:
     """Regroup only the scopes (tenants) whose images changed since the last run."""
+    matching = Matching(sure_bits=config.threshold, candidate_bits=max(config.threshold, config.candidate_bits),
+                        same_picture=config.same_picture)
     started = time.monotonic()
     with postgres.engine.begin() as conn:
         store.lock_groups(conn)
         scopes = None if config.full else store.take_changed_scopes(conn)
-        images = store.load_images(conn, scopes)
-        groups = find_groups(images, config.threshold)
-        grouped_s = time.monotonic() - started
+        table = store.load_hashes(conn, scopes)
+        loaded_s = time.monotonic() - started
+        result = cluster(table.words, table.scopes, table.shas, matching, store.thumbnail_source(conn))
+        parts = members_of(result.labels)
+        rows = store.load_rows(conn, table.ids[np.concatenate(parts)] if parts else [])
+        groups = [make_group([rows[int(table.ids[i])] for i in part]) for part in parts]
+        grouped_s = time.monotonic() - started - loaded_s
         store.replace_groups(conn, groups, config.threshold, scopes)
         every_group = store.stored_groups(conn)
     out_dir = Path(config.report_dir) if config.report_dir else default_report_dir()
     with postgres.engine.connect() as conn:
-        thumbnails = nas_store.thumbnails(conn, (m.sha256 for g in every_group for m in g.members))
-    report = write_report(every_group, out_dir, thumbnails, config.threshold)
+        report = write_report(every_group, out_dir, store.thumbnail_source(conn), store.scope_labels(conn))
     exact = sum(g.kind == "exact" for g in every_group)
     regrouped = "every scope" if scopes is None else f"{len(scopes)} changed scope(s)"
     context.log.info(
-        f"{regrouped}: {len(images)} hashed images regrouped in {grouped_s:.2f}s; {exact} exact and "
-        f"{len(every_group) - exact} near-duplicate groups in all (threshold {config.threshold}); report {report}"
+        f"{regrouped}: {len(table)} hashed images loaded in {loaded_s:.2f}s and regrouped in {grouped_s:.2f}s "
+        f"({result.checked_pairs} pairs checked on thumbnails, {result.confirmed_pairs} confirmed); {exact} exact "
+        f"and {len(every_group) - exact} near-duplicate groups in all; report {report}"
     )
     return dg.MaterializeResult(metadata={
-        "images_regrouped": len(images),
+        "images_regrouped": len(table),
         "scopes_regrouped": -1 if scopes is None else len(scopes),
         "exact_groups": exact,
         "near_groups": len(every_group) - exact,
         "images_in_groups": sum(len(g.members) for g in every_group),
         "threshold_bits": config.threshold,
+        "candidate_bits": matching.candidate_bits,
+        "candidate_pairs": result.candidate_pairs,
+        "pairs_checked_on_thumbnails": result.checked_pairs,
+        "pairs_confirmed_on_thumbnails": result.confirmed_pairs,
+        "pairs_without_thumbnails": result.unchecked_pairs,
+        "bytes_freed_by_removing_copies": sum(m.size_bytes for g in every_group for m in g.members
+                                              if m.id != g.keep.id),
+        "loading_seconds": round(loaded_s, 3),
         "grouping_seconds": round(grouped_s, 3),
         "report": dg.MetadataValue.url(report.resolve().as_uri()),
         "report_path": dg.MetadataValue.path(str(report.resolve())),

@@ -1,26 +1,58 @@
-"""Group duplicate designs: exact (same sha256) and near (pHash Hamming distance <= threshold).
+"""Group duplicate designs: one group per design, per scope (tenant).
 
-Near groups without an all-pairs loop: the 256-bit hash is split into ``threshold + 1``
-bands, so two hashes within the threshold agree exactly on at least one band
-(pigeonhole). Only pairs sharing a band are compared, in numpy, and matches are merged
-with union-find, which also joins chains (A near B, B near C). Groups do not depend on
-the order rows arrive in: members are sorted and groups ordered by their first member.
+Three kinds of evidence join two files, strongest first:
+
+1. the same bytes (sha256) or the same pHash: joined outright;
+2. pHashes within ``sure_bits`` (22 of 256): re-encodes, resizes, light edits; joined;
+3. pHashes within ``candidate_bits`` (80): crops, rotations, watermarks, but also the
+   closest unrelated photographs. These are decided on the stored thumbnails by an
+   independent, crop-tolerant comparison (:mod:`.similarity`); a pair without both
+   thumbnails is left apart.
+
+Joins are transitive (a crop of a re-encode of the original is one design). Candidates
+come from :mod:`.candidates`, so the cost grows with the number of hashes, not its square.
+Groups do not depend on the order rows arrive in.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from . import similarity
+from .candidates import candidate_pairs, hamming
 
 HASH_BITS = 256
-# Measured on generated photographs (see README): re-encoded, resized, brightened and
-# watermarked copies are 0-6 bits apart, 1% crops 14-22, unrelated designs 114 or more.
+# Measured on generated and real photographs (benchmarks/bench_duplicate_quality.py):
+# re-encoded, resized, brightened copies are 0-18 bits apart; unrelated photographs 56 or more.
 DEFAULT_THRESHOLD = 22
+# 3-8% crops, 2° rotations and watermarks are up to 110 bits away; 80 finds them through
+# the chain of a design's copies, while random hashes are almost never that close.
+CANDIDATE_BITS = 80
 LOSSLESS = {"PNG", "TIFF", "BMP", "GIF", "PPM", "TGA"}
+
+# sha256s -> their stored thumbnails (missing ones left out).
+ThumbnailSource = Callable[[Sequence[str]], Mapping[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Matching:
+    sure_bits: int = DEFAULT_THRESHOLD
+    candidate_bits: int = CANDIDATE_BITS
+    same_picture: float = similarity.SAME_PICTURE
+    orders: int = 48
+    window: int = 8
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sure_bits <= self.candidate_bits < HASH_BITS:
+            raise ValueError(f"need 0 <= sure_bits ({self.sure_bits}) <= candidate_bits ({self.candidate_bits}) "
+                             f"< {HASH_BITS}")
 
 
 @dataclass(frozen=True)
@@ -36,6 +68,7 @@ class ImageRow:
     height: int
     format: str
     mtime: datetime
+    size_bytes: int = 0
 
     @property
     def sort_key(self) -> tuple:
@@ -49,33 +82,27 @@ class Group:
     members: list[ImageRow]
     keep: ImageRow
     keep_reason: str
-    distances: dict[int, int] = field(default_factory=dict)  # image id -> distance to keep
+    distances: dict[int, int] = field(default_factory=dict)  # image id -> pHash distance to keep
+    id: int | None = None  # once stored
 
     @property
     def max_distance(self) -> int:
         return max(self.distances.values(), default=0)
 
 
+@dataclass
+class Clustering:
+    labels: np.ndarray  # a component number per row
+    candidate_pairs: int = 0
+    checked_pairs: int = 0  # decided on thumbnails
+    confirmed_pairs: int = 0
+    unchecked_pairs: int = 0  # in the candidate band, but a thumbnail is missing
+
+
 def hash_words(hashes: Sequence[str]) -> np.ndarray:
     """(n, 4) uint64 from 64-hex-digit hashes."""
     raw = np.frombuffer(bytes.fromhex("".join(hashes)), dtype=">u8").reshape(len(hashes), 4)
     return raw.astype(np.uint64)
-
-
-def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return np.bitwise_count(a ^ b).sum(axis=-1)
-
-
-def _bands(words: np.ndarray, count: int) -> list[np.ndarray]:
-    """Split each 256-bit hash into ``count`` bands of near-equal width, as integers."""
-    bits = np.unpackbits(words.astype(">u8").view(np.uint8), axis=1)  # (n, 256)
-    edges = np.linspace(0, HASH_BITS, count + 1).astype(int)
-    out = []
-    for start, stop in zip(edges[:-1], edges[1:], strict=True):
-        width = stop - start
-        weights = (1 << np.arange(width - 1, -1, -1, dtype=np.uint64)).astype(np.uint64)
-        out.append((bits[:, start:stop].astype(np.uint64) * weights).sum(axis=1))
-    return out
 
 
 class UnionFind:
@@ -88,35 +115,102 @@ class UnionFind:
             x = self.parent[x]
         return x
 
-    def union(self, a: int, b: int) -> None:
+    def union(self, a: int, b: int) -> bool:
         ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
+        if ra == rb:
+            return False
+        self.parent[max(ra, rb)] = min(ra, rb)
+        return True
 
 
-def near_pairs(words: np.ndarray, threshold: int) -> np.ndarray:
-    """Every pair (i < j) within ``threshold`` bits: shape (k, 2)."""
+def _row_codes(columns: np.ndarray) -> np.ndarray:
+    """The same small integer for equal rows of a (n, k) integer array."""
+    order = np.lexsort(columns.T[::-1])
+    ordered = columns[order]
+    new = np.ones(len(columns), dtype=bool)
+    new[1:] = (ordered[1:] != ordered[:-1]).any(axis=1)
+    codes = np.empty(len(columns), dtype=np.int64)
+    codes[order] = np.cumsum(new) - 1
+    return codes
+
+
+def _value_codes(values: Sequence[str]) -> np.ndarray:
+    seen: dict[str, int] = {}
+    return np.fromiter((seen.setdefault(v, len(seen)) for v in values), dtype=np.int64, count=len(values))
+
+
+def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching: Matching | None = None,
+            thumbnails: ThumbnailSource | None = None) -> Clustering:
+    """Component labels for rows: ``words`` (n, 4) uint64 pHashes, ``scopes`` (n,) ints, ``shas``."""
+    matching = matching or Matching()
     n = len(words)
-    if n < 2:
-        return np.empty((0, 2), dtype=np.int64)
-    found = []
-    for band in _bands(words, threshold + 1):
-        order = np.argsort(band, kind="stable")
-        sorted_band = band[order]
-        # Compare each row with the next d rows of the same bucket, for every d up to the
-        # largest bucket: numpy over all rows at once, never a loop over pairs.
-        bucket_sizes = np.unique(sorted_band, return_counts=True)[1]
-        for d in range(1, int(bucket_sizes.max())):
-            same = sorted_band[:-d] == sorted_band[d:]
-            if not same.any():
-                break
-            i, j = order[:-d][same], order[d:][same]
-            close = hamming(words[i], words[j]) <= threshold
-            if close.any():
-                found.append(np.stack([np.minimum(i, j)[close], np.maximum(i, j)[close]], axis=1))
-    if not found:
-        return np.empty((0, 2), dtype=np.int64)
-    return np.unique(np.concatenate(found), axis=0)
+    if n == 0:
+        return Clustering(np.empty(0, dtype=np.int64))
+    sha_codes = _value_codes(shas)
+    # Rows with the same pHash in a scope are one point for the search below.
+    point_of = _row_codes(np.column_stack([scopes.astype(np.uint64), words]))
+    points = np.zeros(point_of.max() + 1, dtype=np.int64)
+    points[point_of] = np.arange(n)  # one row standing for each point
+    pairs, dist = candidate_pairs(words[points], scopes[points], matching.candidate_bits, matching.orders,
+                                  matching.window)
+    pairs = points[pairs] if len(pairs) else pairs
+    sure = dist <= matching.sure_bits
+    # Same bytes (only within a scope), same pHash, and sure pairs, all at once.
+    sha_in_scope = _row_codes(np.column_stack([scopes, sha_codes]))
+    edges = [np.stack([np.arange(n), n + sha_in_scope], axis=1),
+             np.stack([np.arange(n), 2 * n + point_of], axis=1),
+             pairs[sure]]
+    joined = np.concatenate(edges)
+    size = 3 * n
+    graph = coo_matrix((np.ones(len(joined), dtype=np.int8), (joined[:, 0], joined[:, 1])), shape=(size, size))
+    labels = connected_components(graph, directed=False)[1][:n]
+    result = Clustering(labels, candidate_pairs=len(pairs))
+    band = pairs[~sure][np.argsort(dist[~sure], kind="stable")]  # closest first: most likely to join
+    if len(band) and thumbnails is not None:
+        _confirm(band, labels, shas, matching, thumbnails, result)
+    else:
+        result.unchecked_pairs = int(np.count_nonzero(labels[band[:, 0]] != labels[band[:, 1]])) if len(band) else 0
+    result.labels = np.unique(result.labels, return_inverse=True)[1]
+    return result
+
+
+def _confirm(band: np.ndarray, labels: np.ndarray, shas: Sequence[str], matching: Matching,
+             thumbnails: ThumbnailSource, result: Clustering) -> None:
+    """Join the pairs of the candidate band that the thumbnails confirm."""
+    todo = band[labels[band[:, 0]] != labels[band[:, 1]]]
+    if not len(todo):
+        return
+    needed = sorted({shas[i] for i in np.unique(todo)})
+    stored: dict[str, bytes] = {}
+    for start in range(0, len(needed), 2000):
+        stored.update(thumbnails(needed[start:start + 2000]))
+
+    @lru_cache(maxsize=4096)
+    def features(sha: str) -> np.ndarray | None:
+        data = stored.get(sha)
+        return similarity.features(data) if data else None
+
+    components = UnionFind(int(labels.max()) + 1)
+    for i, j in todo.tolist():
+        if components.find(int(labels[i])) == components.find(int(labels[j])):
+            continue  # already one design through other pairs
+        a, b = features(shas[i]), features(shas[j])
+        if a is None or b is None:
+            result.unchecked_pairs += 1
+            continue
+        result.checked_pairs += 1
+        if similarity.score(a, b) >= matching.same_picture:
+            result.confirmed_pairs += 1
+            components.union(int(labels[i]), int(labels[j]))
+    root = np.array([components.find(c) for c in range(len(components.parent))])
+    result.labels = root[labels]
+
+
+def members_of(labels: np.ndarray) -> list[np.ndarray]:
+    """Row indices of every component with two rows or more."""
+    order = np.argsort(labels, kind="stable")
+    starts = np.flatnonzero(np.diff(labels[order], prepend=-1))
+    return [part for part in np.split(order, starts[1:]) if len(part) > 1]
 
 
 def resolution(row: ImageRow) -> int:
@@ -141,40 +235,31 @@ def choose_keep(members: Sequence[ImageRow]) -> tuple[ImageRow, str]:
     return keep, reason
 
 
-def _make_group(kind: str, members: list[ImageRow], words: dict[int, np.ndarray]) -> Group:
+def make_group(members: Sequence[ImageRow]) -> Group:
+    """A group of one design: ``exact`` when every member is the same bytes."""
     members = sorted(members, key=lambda r: r.sort_key)
     keep, reason = choose_keep(members)
-    distances = {m.id: int(hamming(words[m.id], words[keep.id])) for m in members}
-    return Group(kind, members[0].scope, members, keep, reason, distances)
+    kind = "exact" if len({m.sha256 for m in members}) == 1 else "near"
+    keep_words = hash_words([keep.phash])[0]
+    distances = hamming(hash_words([m.phash for m in members]), keep_words)
+    return Group(kind, members[0].scope, members, keep, reason,
+                 {m.id: int(d) for m, d in zip(members, distances, strict=True)})
 
 
-def find_groups(rows: Iterable[ImageRow], threshold: int = DEFAULT_THRESHOLD) -> list[Group]:
+def find_groups(rows: Iterable[ImageRow], threshold: int = DEFAULT_THRESHOLD,
+                thumbnails: ThumbnailSource | None = None, matching: Matching | None = None) -> list[Group]:
     """One group per design, per scope: byte-identical copies and near copies together.
 
-    A group is ``exact`` when all its members are the same bytes, ``near`` otherwise; a near
-    group shows the design's exact copies inside it, never as a second group of their own.
+    A near group shows the design's exact copies inside it, never as a second group.
+    Without ``thumbnails`` only pHashes within ``threshold`` join.
     """
-    if not 0 <= threshold < HASH_BITS:
-        raise ValueError(f"threshold {threshold} must be between 0 and {HASH_BITS - 1} bits")
-    by_scope: dict[str, list[ImageRow]] = defaultdict(list)
-    for r in rows:
-        by_scope[r.scope].append(r)
-    groups: list[Group] = []
-    for scope in sorted(by_scope):
-        scoped = sorted(by_scope[scope], key=lambda r: r.sort_key)
-        words = hash_words([r.phash for r in scoped])
-        word_of = {r.id: words[i] for i, r in enumerate(scoped)}
-        uf = UnionFind(len(scoped))
-        first_with_sha: dict[str, int] = {}
-        for i, r in enumerate(scoped):
-            uf.union(first_with_sha.setdefault(r.sha256, i), i)
-        for i, j in near_pairs(words, threshold):
-            uf.union(int(i), int(j))
-        clusters: dict[int, list[ImageRow]] = defaultdict(list)
-        for i, r in enumerate(scoped):
-            clusters[uf.find(i)].append(r)
-        for members in clusters.values():
-            if len(members) > 1:
-                kind = "exact" if len({m.sha256 for m in members}) == 1 else "near"
-                groups.append(_make_group(kind, members, word_of))
+    matching = matching or Matching(sure_bits=threshold, candidate_bits=max(threshold, CANDIDATE_BITS))
+    rows = sorted(rows, key=lambda r: (r.scope, r.sort_key))
+    if not rows:
+        return []
+    scope_names = sorted({r.scope for r in rows})
+    scope_code = {s: i for i, s in enumerate(scope_names)}
+    result = cluster(hash_words([r.phash for r in rows]), np.array([scope_code[r.scope] for r in rows]),
+                     [r.sha256 for r in rows], matching, thumbnails)
+    groups = [make_group([rows[i] for i in part]) for part in members_of(result.labels)]
     return sorted(groups, key=lambda g: (g.scope, g.kind, g.members[0].sort_key))

@@ -1,38 +1,164 @@
-"""A static HTML page of duplicate groups, from the thumbnails the import stored.
+"""The duplicates report: an index per tenant and shop, and paged pages per scope.
 
-Rendered with Jinja2 (autoescaped: file names are data, never markup). The report never
-reads the NAS: every picture is the thumbnail made when the file was imported, written
-once under ``thumbs/<sha256>.jpg``.
+Rendered with Jinja2 templates (autoescaped: file names are data, never markup). The
+report never reads the NAS: every picture is the thumbnail stored when the file was
+imported, written once under ``thumbs/<sha256>.jpg`` (content-addressed, so a later run
+writes only new ones).
+
+A run writes its pages into a new folder and switches ``index.html`` to it last, with a
+rename: someone reading the report never sees half of one run and half of another.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
+import re
+import shutil
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
 
-from .grouping import Group
+from .grouping import Group, ThumbnailSource
 
 THUMB_PX = 224
+PAGE_SIZE = 50  # groups per page: a few hundred thumbnails, quick to open
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("craftflow_migrations.duplicates", "templates"),
                           autoescape=True, trim_blocks=True, lstrip_blocks=True)
 
 
-def write_report(groups: list[Group], out_dir: Path, thumbnails: dict[str, bytes], threshold: int) -> Path:
-    """Write ``index.html`` and ``thumbs/`` under ``out_dir``; ``thumbnails`` by sha256."""
-    thumbs = out_dir / "thumbs"
+def bytes_freed(group: Group) -> int:
+    """What removing every copy but the one to keep would free."""
+    return sum(m.size_bytes for m in group.members if m.id != group.keep.id)
+
+
+def ordered(groups: list[Group]) -> list[Group]:
+    """The order a shop owner works in: the biggest saving first (the report and the CLI)."""
+    return sorted(groups, key=lambda g: (g.scope, -bytes_freed(g), g.kind, g.members[0].sort_key))
+
+
+def group_record(group: Group) -> dict:
+    """A group as plain data, for ``craftflow-migrate duplicates --json``."""
+    def member(m) -> dict:
+        return {"image_id": m.id, "shop": m.shop, "template": m.template, "path": m.path, "sha256": m.sha256,
+                "width": m.width, "height": m.height, "format": m.format, "size_bytes": m.size_bytes,
+                "distance": group.distances.get(m.id, 0), "keep": m.id == group.keep.id}
+    return {"id": group.id, "kind": group.kind, "scope": group.scope, "keep_reason": group.keep_reason,
+            "max_distance": group.max_distance, "bytes_freed": bytes_freed(group), "keep": member(group.keep),
+            "members": [member(m) for m in group.members]}
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:,.1f} TB"
+
+
+_ENV.filters["bytes"] = human_bytes
+
+
+@dataclass
+class ShopSummary:
+    name: str
+    groups: int = 0
+    files: int = 0
+    bytes_freed: int = 0
+
+
+@dataclass
+class ScopeSummary:
+    scope: str
+    label: str
+    slug: str
+    groups: list[Group] = field(default_factory=list)
+    shops: dict[str, ShopSummary] = field(default_factory=dict)
+
+    @property
+    def files(self) -> int:
+        return sum(len(g.members) for g in self.groups)
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(bytes_freed(g) for g in self.groups)
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-len(self.groups) // PAGE_SIZE))
+
+
+def slug(scope: str) -> str:
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", scope).strip("-")[:40] or "scope"
+    return f"{readable}-{hashlib.sha1(scope.encode()).hexdigest()[:8]}"
+
+
+def summarize(groups: list[Group], labels: Mapping[str, str]) -> list[ScopeSummary]:
+    """Per scope and per shop: groups, files and bytes freed; a scope's groups biggest win first."""
+    scopes: dict[str, ScopeSummary] = {}
+    for g in groups:
+        summary = scopes.get(g.scope)
+        if summary is None:
+            summary = scopes[g.scope] = ScopeSummary(g.scope, labels.get(g.scope, g.scope), slug(g.scope))
+        summary.groups.append(g)
+        per_shop: dict[str, list] = defaultdict(list)
+        for m in g.members:
+            per_shop[m.shop].append(m)
+        for shop, members in per_shop.items():
+            s = summary.shops.setdefault(shop, ShopSummary(shop))
+            s.groups += 1
+            s.files += len(members)
+            s.bytes_freed += sum(m.size_bytes for m in members if m.id != g.keep.id)
+    for summary in scopes.values():
+        summary.groups = ordered(summary.groups)
+        summary.shops = dict(sorted(summary.shops.items()))
+    return sorted(scopes.values(), key=lambda s: (s.label, s.scope))
+
+
+def _write_thumbnails(groups: list[Group], thumbs: Path, source: ThumbnailSource) -> set[str]:
+    """Write the thumbnails not yet on disk, a few thousand at a time; return those present."""
     thumbs.mkdir(parents=True, exist_ok=True)
-    shown = {m.sha256 for g in groups for m in g.members if m.sha256 in thumbnails}
-    for sha in shown:
-        target = thumbs / f"{sha}.jpg"
-        if not target.exists():  # content-addressed: an existing file is the same picture
-            target.write_bytes(thumbnails[sha])
+    wanted = sorted({m.sha256 for g in groups for m in g.members})
+    present = {sha for sha in wanted if (thumbs / f"{sha}.jpg").exists()}
+    missing = [sha for sha in wanted if sha not in present]
+    for start in range(0, len(missing), 2000):
+        for sha, data in source(missing[start:start + 2000]).items():
+            (thumbs / f"{sha}.jpg").write_bytes(data)
+            present.add(sha)
+    return present
+
+
+def write_report(groups: list[Group], out_dir: Path, thumbnails: ThumbnailSource,
+                 labels: Mapping[str, str] | None = None) -> Path:
+    """Write ``index.html``, one paged set of pages per scope and ``thumbs/``; return the index."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shown = _write_thumbnails(groups, out_dir / "thumbs", thumbnails)
+    scopes = summarize(groups, labels or {})
+    pages_dir = f"pages-{time.time_ns()}"
+    for summary in scopes:
+        folder = out_dir / pages_dir / summary.slug
+        folder.mkdir(parents=True)
+        for page in range(1, summary.pages + 1):
+            chunk = summary.groups[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
+            html = _ENV.get_template("scope.html").render(
+                scope=summary, groups=chunk, page=page, first_index=(page - 1) * PAGE_SIZE, thumbs=shown,
+                px=THUMB_PX, bytes_freed=bytes_freed,
+                thumbs_total=sum(1 for g in chunk for m in g.members if m.sha256 in shown))
+            (folder / f"page-{page}.html").write_text(html, encoding="utf-8")
     exact = sum(g.kind == "exact" for g in groups)
     html = _ENV.get_template("index.html").render(
-        groups=groups, thumbs=shown, px=THUMB_PX, threshold=threshold, exact=exact, near=len(groups) - exact,
-        thumbs_total=sum(1 for g in groups for m in g.members if m.sha256 in shown),
-    )
-    out = out_dir / "index.html"
-    out.write_text(html, encoding="utf-8")
-    return out
+        scopes=scopes, pages_dir=pages_dir, px=THUMB_PX, exact=exact, near=len(groups) - exact,
+        files=sum(len(g.members) for g in groups), freed=sum(bytes_freed(g) for g in groups))
+    index = out_dir / "index.html"
+    staged = out_dir / "index.html.tmp"
+    staged.write_text(html, encoding="utf-8")
+    os.replace(staged, index)
+    for old in out_dir.glob("pages-*"):
+        if old.name != pages_dir:
+            shutil.rmtree(old, ignore_errors=True)
+    return index

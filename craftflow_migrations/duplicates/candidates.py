@@ -1,0 +1,77 @@
+"""Candidate pairs of near-identical 256-bit pHashes among a million, without all pairs.
+
+A crop moves a pHash 30-90 bits, too far for an exact index: a Hamming ball of 80 bits
+holds far too much of the space for bands or multi-index hashing to prune. Instead the
+hashes are sorted, several times, by a key made of their lowest-frequency bits in a
+random order, and each hash is compared with the few that sort next to it (Charikar's
+sorted-permutation search). Low frequencies are what a crop, a watermark or a rotation
+changes least (measured: 6-10% of those bits flip, against 15-35% of the rest), so two
+copies share a long key prefix in some order and meet in a window.
+
+The cost is fixed by ``orders x window`` comparisons per hash, whatever the data: a
+thousand blank designs with one key never make a quadratic bucket. The price is that it
+is probabilistic; ``benchmarks/bench_duplicates.py`` prints the share of planted pairs
+it finds at 100,000 and 1,000,000 hashes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+HASH_BITS = 256
+_SIDE = 16  # imagehash's pHash of hash_size 16: row-major 16 x 16 DCT signs, lowest first
+
+
+def low_frequency_bits(count: int) -> np.ndarray:
+    """Bit positions of the ``count`` lowest DCT frequencies (u + v), the DC term left out."""
+    u, v = np.divmod(np.arange(HASH_BITS), _SIDE)
+    order = np.lexsort((np.maximum(u, v), u + v))
+    return order[1:count + 1]
+
+
+# 54 positions: every u + v <= 9 but the DC term.
+KEY_POOL = low_frequency_bits(54)
+KEY_BITS = 44
+
+
+def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.bitwise_count(a ^ b).sum(axis=-1)
+
+
+def candidate_pairs(words: np.ndarray, scopes: np.ndarray, max_bits: int, orders: int = 48, window: int = 8,
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of one scope found within ``max_bits``: ``(pairs (k, 2), distances (k,))``.
+
+    ``words`` is (n, 4) uint64, ``scopes`` (n,) small non-negative integers. Rows should be
+    distinct: identical hashes are grouped before, by equality.
+    """
+    n = len(words)
+    if n < 2:
+        return np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.int64)
+    scope_bits = max(1, int(scopes.max()).bit_length())
+    key_bits = min(KEY_BITS, 64 - scope_bits)
+    # The pool's bits once, one byte each: a key is then a column gather and a pack.
+    pool = np.unpackbits(words.astype(">u8").view(np.uint8), axis=1)[:, KEY_POOL]
+    scope_key = scopes.astype(np.uint64) << np.uint64(64 - scope_bits)
+    rng = np.random.default_rng(seed)
+    found = []
+    for _ in range(orders):
+        columns = rng.permutation(len(KEY_POOL))[:key_bits]
+        packed = np.zeros((n, 8), dtype=np.uint8)
+        packed[:, :(key_bits + 7) // 8] = np.packbits(pool[:, columns], axis=1)
+        key = (packed.view(">u8").reshape(n).astype(np.uint64) >> np.uint64(scope_bits)) | scope_key
+        order = np.argsort(key)
+        # Neighbours in the sorted order are contiguous slices: no gather per offset.
+        columns_sorted = [np.ascontiguousarray(words[order, w]) for w in range(4)]
+        sorted_scopes = scopes[order]
+        for d in range(1, min(window, n - 1) + 1):
+            dist = sum(np.bitwise_count(c[:-d] ^ c[d:]).astype(np.int16) for c in columns_sorted).astype(np.int64)
+            close = np.flatnonzero((dist <= max_bits) & (sorted_scopes[:-d] == sorted_scopes[d:]))
+            if len(close):
+                i, j = order[close], order[close + d]
+                found.append(np.stack([np.minimum(i, j) * n + np.maximum(i, j), dist[close]], axis=1))
+    if not found:
+        return np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.int64)
+    coded = np.concatenate(found)
+    codes, first = np.unique(coded[:, 0], return_index=True)
+    return np.stack(np.divmod(codes, n), axis=1), coded[first, 1]

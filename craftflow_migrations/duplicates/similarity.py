@@ -1,0 +1,90 @@
+"""Is this pair the same picture? An independent check on the stored thumbnails.
+
+The pHash finds candidates; this decides the ones it cannot (crops, rotations, watermarks
+move a pHash 30-90 bits, as far as some unrelated photographs). Both thumbnails are reduced
+to a small grey image and band-passed (the image minus its blur): light, contrast and colour
+drop out, and so do the smooth gradients that make any two skies or two dark micrographs
+correlate. One image is then compared, at every crop window it could have been cut from
+(up to ``MAX_CROP`` of each side, either axis, any side), with the whole of the other, and
+the best normalised correlation is the pair's score: 1.0 is the same picture.
+
+Measured on real photographs with eleven edits (``benchmarks/bench_duplicate_quality.py``):
+copies score 0.73 and up at the 1st percentile, different photographs (tiles of the same
+photograph included) at most 0.68. ``SAME_PICTURE`` sits between.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image
+from scipy.ndimage import gaussian_filter1d
+
+SAME_PICTURE = 0.72
+MAX_CROP = 0.12  # of each dimension, the two sides together
+_BASE = 64  # px: the thumbnail reduced to this square first (windows are fractions of it)
+_SIDE = 32  # px: each window compared at this size
+_INNER = 3  # px of each window's border left out (the fill of a rotation, a bleed's edge)
+_SIGMA = 2.0  # px of a window: detail finer than this is kept
+
+
+def _spans() -> list[tuple[float, float]]:
+    """(start, stop) fractions of one axis: the whole, then each crop at each side and centred."""
+    out = [(0.0, 1.0)]
+    for step in (1, 2, 3):
+        keep = 1.0 - MAX_CROP * step / 3
+        out += [(0.0, keep), ((1.0 - keep) / 2, (1.0 + keep) / 2), (1.0 - keep, 1.0)]
+    return out
+
+
+def _area_matrix(start: float, stop: float) -> np.ndarray:
+    """(_SIDE, _BASE) weights that average the span [start, stop) of an axis into _SIDE cells."""
+    edges = np.linspace(start * _BASE, stop * _BASE, _SIDE + 1)
+    pixels = np.arange(_BASE)
+    overlap = np.minimum(edges[1:, None], pixels[None, :] + 1) - np.maximum(edges[:-1, None], pixels[None, :])
+    weights = np.clip(overlap, 0.0, None)
+    return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+_AREA = np.stack([_area_matrix(a, b) for a, b in _spans()])  # (spans, _SIDE, _BASE)
+# The band-pass (a window minus its Gaussian blur) is linear, so it folds into the same
+# matrices: blur(A x Bt) = (G A) x (G B)t. Only the inner rows are ever compared.
+_BLUR = gaussian_filter1d(np.eye(_SIDE, dtype=np.float32), _SIGMA, axis=0)
+_INNER_ROWS = slice(_INNER, _SIDE - _INNER)
+_AXIS = _AREA[:, _INNER_ROWS]
+_BLURRED_AXIS = np.einsum("ij,sjb->sib", _BLUR, _AREA)[:, _INNER_ROWS]
+# Every (y span, x span) pair is a window; window 0 (both whole) is the whole image.
+WINDOWS = len(_AREA) ** 2
+
+
+def _windows(base: np.ndarray) -> np.ndarray:
+    """(WINDOWS, inner pixels): every window of ``base``, area-averaged and band-passed."""
+    sharp = (_AXIS @ base)[:, None] @ _AXIS.transpose(0, 2, 1)[None]
+    blurred = (_BLURRED_AXIS @ base)[:, None] @ _BLURRED_AXIS.transpose(0, 2, 1)[None]
+    return (sharp - blurred).reshape(WINDOWS, -1)
+
+
+def _units(band: np.ndarray) -> np.ndarray:
+    flat = band - band.mean(axis=1, keepdims=True)
+    norms = np.sqrt((flat * flat).sum(axis=1, keepdims=True))
+    return (flat / np.maximum(norms, 1e-6)).astype(np.float32)
+
+
+def features(thumbnail: bytes) -> np.ndarray | None:
+    """(WINDOWS, pixels) unit vectors, row 0 the whole image; None when it cannot be read."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(thumbnail)) as image:
+                image.draft("L", (_BASE, _BASE))  # a JPEG decodes straight at 1/2 to 1/8 scale
+                grey = image.convert("L").resize((_BASE, _BASE), Image.Resampling.BOX)
+    except Exception:  # noqa: BLE001 - no thumbnail, no check: the pair is decided by pHash alone
+        return None
+    return _units(_windows(np.asarray(grey, dtype=np.float32)))
+
+
+def score(a: np.ndarray, b: np.ndarray) -> float:
+    """Best correlation of either image's crop windows with the whole of the other."""
+    return float(max((a @ b[0]).max(), (b @ a[0]).max()))
