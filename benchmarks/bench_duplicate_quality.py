@@ -2,7 +2,8 @@
 
 Each source (a tile of a photograph that a package ships, see ``real_photos``) is saved as a
 PNG with one copy per edit, hashed and thumbnailed by the import's own ``describe_image``.
-Grouping runs twice: on the five edits of the issue alone, then on every edit. Each run
+Grouping runs on the five edits of the issue alone, then on every edit; on tiles (49 sources,
+hard negatives), then on the eight whole photographs (bigger pictures, as catalogues hold). Each run
 hides the photographs among ``--filler`` random hashes in the same scope, so the candidate
 search works as it would in a crowded catalogue.
 
@@ -30,10 +31,10 @@ FIVE = ["jpeg re-encode", "half size", "3% crop", "+10% brightness", "text water
 T0 = datetime(2024, 1, 1)
 
 
-def hashed_rows(filler: int, edits: list[str], seed: int = 0) -> tuple[list[ImageRow], dict[str, bytes],
-                                                                         dict[int, tuple[str, str]]]:
+def hashed_rows(filler: int, edits: list[str], seed: int = 0, whole: bool = False
+                ) -> tuple[list[ImageRow], dict[str, bytes], dict[int, tuple[str, str]]]:
     rows, thumbs, truth = [], {}, {}
-    for k, sample in enumerate(s for s in corpus() if s.edit == "original" or s.edit in edits):
+    for k, sample in enumerate(s for s in corpus(whole=whole) if s.edit == "original" or s.edit in edits):
         facts = describe_image(sample.data)
         rows.append(ImageRow(k, "tenant:1", "Shop", sample.source, f"{sample.source}/{sample.edit}.img",
                              facts.sha256, facts.phash, facts.width, facts.height, facts.format, T0))
@@ -44,6 +45,10 @@ def hashed_rows(filler: int, edits: list[str], seed: int = 0) -> tuple[list[Imag
         phash = rng.integers(0, 256, 32, dtype=np.uint8).tobytes().hex()
         rows.append(ImageRow(k, "tenant:1", "Filler", "F", f"F/{k}.png", f"{k:064x}", phash, 100, 100, "PNG", T0))
     return rows, thumbs, truth
+
+
+def thumbs_of(thumbs: dict[str, bytes]):
+    return lambda shas: {s: thumbs[s] for s in shas if s in thumbs}
 
 
 def scores(groups, truth: dict[int, tuple[str, str]]) -> tuple[float, float, dict[str, float]]:
@@ -75,9 +80,12 @@ def main() -> None:
     parser.add_argument("--filler", type=int, default=100_000, help="random hashes in the same scope")
     args = parser.parse_args()
     methods = {"pHash <= 22": None, "candidates + thumbnails": Matching()}
-    for title, edits in (("the five edits of the issue", FIVE), ("every edit", list(EDITS))):
+    runs = [("the five edits of the issue", FIVE, False), ("every edit", list(EDITS), False),
+            ("whole photographs (not tiles), the five edits", FIVE, True),
+            ("whole photographs (not tiles), every edit", list(EDITS), True)]
+    for title, edits, whole in runs:
         started = time.perf_counter()
-        rows, thumbs, truth = hashed_rows(args.filler, edits)
+        rows, thumbs, truth = hashed_rows(args.filler, edits, whole=whole)
         sources = len({s for s, _ in truth.values()})
         print(f"\n{title}: {sources} sources x {len(edits)} edits + originals = {len(truth)} photographs, "
               f"among {args.filler:,} random hashes (hashed in {time.perf_counter() - started:.1f}s)")
@@ -87,8 +95,7 @@ def main() -> None:
             if matching is None:
                 groups = find_groups(rows, 22)
             else:
-                groups = find_groups(rows, thumbnails=lambda shas: {s: thumbs[s] for s in shas if s in thumbs},
-                                     matching=matching)
+                groups = find_groups(rows, thumbnails=thumbs_of(thumbs), matching=matching)
             results[name] = (*scores(groups, truth), time.perf_counter() - started)
         width = max(len(e) for e in edits)
         print(f"  {'':{width}}  " + "  ".join(f"{n:>24}" for n in methods))

@@ -121,11 +121,11 @@ class Sample:
     data: bytes
 
 
-def corpus(edits: dict[str, Edit] = EDITS, seed: int = 0) -> list[Sample]:
-    """Each source as a PNG, and one file per edit of it."""
+def corpus(edits: dict[str, Edit] = EDITS, seed: int = 0, whole: bool = False) -> list[Sample]:
+    """Each source as a PNG, and one file per edit of it (sources: tiles, or whole photographs)."""
     rng = np.random.default_rng(seed)
     out = []
-    for name, image in sources():
+    for name, image in (list(photographs()) if whole else sources()):
         out.append(Sample(name, "original", _png(image)))
         for edit, make in edits.items():
             out.append(Sample(name, edit, make(image, rng)))

@@ -24,6 +24,6 @@ stamp=".venv/.installed-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut 
 if [ ! -f "$stamp" ]; then
   echo "setup: installing Python dependencies into .venv"
   .venv/bin/pip install -q -U pip
-  .venv/bin/pip install -q -e '.[test,celery]'
+  .venv/bin/pip install -q -e '.[test,celery,photos]'
   touch "$stamp"
 fi

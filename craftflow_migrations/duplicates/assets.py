@@ -59,10 +59,12 @@ def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfi
         groups = [make_group([rows[int(table.ids[i])] for i in part]) for part in parts]
         grouped_s = time.monotonic() - started - loaded_s
         store.replace_groups(conn, groups, config.threshold, scopes)
-        every_group = store.stored_groups(conn)
+        written_s = time.monotonic() - started - loaded_s - grouped_s
     out_dir = Path(config.report_dir) if config.report_dir else default_report_dir()
     with postgres.engine.connect() as conn:
+        every_group = store.stored_groups(conn)
         report = write_report(every_group, out_dir, store.thumbnail_source(conn), store.scope_labels(conn))
+    report_s = time.monotonic() - started - loaded_s - grouped_s - written_s
     exact = sum(g.kind == "exact" for g in every_group)
     regrouped = "every scope" if scopes is None else f"{len(scopes)} changed scope(s)"
     context.log.info(
@@ -86,6 +88,8 @@ def design_duplicates(context: dg.AssetExecutionContext, config: DuplicatesConfi
                                               if m.id != g.keep.id),
         "loading_seconds": round(loaded_s, 3),
         "grouping_seconds": round(grouped_s, 3),
+        "writing_seconds": round(written_s, 3),
+        "report_seconds": round(report_s, 3),
         "report": dg.MetadataValue.url(report.resolve().as_uri()),
         "report_path": dg.MetadataValue.path(str(report.resolve())),
     })

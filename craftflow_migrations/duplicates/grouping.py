@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from functools import lru_cache
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -176,30 +175,27 @@ def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching
 
 def _confirm(band: np.ndarray, labels: np.ndarray, shas: Sequence[str], matching: Matching,
              thumbnails: ThumbnailSource, result: Clustering) -> None:
-    """Join the pairs of the candidate band that the thumbnails confirm."""
+    """Join the pairs of the candidate band that the thumbnails confirm.
+
+    Every pair not already joined by stronger evidence is scored (joins commute, so the
+    order does not matter); pairs sharing an image sit together for the feature cache.
+    """
     todo = band[labels[band[:, 0]] != labels[band[:, 1]]]
     if not len(todo):
         return
+    todo = todo[np.lexsort((todo[:, 1], todo[:, 0]))]
     needed = sorted({shas[i] for i in np.unique(todo)})
     stored: dict[str, bytes] = {}
     for start in range(0, len(needed), 2000):
         stored.update(thumbnails(needed[start:start + 2000]))
-
-    @lru_cache(maxsize=4096)
-    def features(sha: str) -> np.ndarray | None:
-        data = stored.get(sha)
-        return similarity.features(data) if data else None
-
+    scores = similarity.score_pairs([(shas[i], shas[j]) for i, j in todo.tolist()], stored)
     components = UnionFind(int(labels.max()) + 1)
-    for i, j in todo.tolist():
-        if components.find(int(labels[i])) == components.find(int(labels[j])):
-            continue  # already one design through other pairs
-        a, b = features(shas[i]), features(shas[j])
-        if a is None or b is None:
+    for (i, j), value in zip(todo.tolist(), scores, strict=True):
+        if value is None:
             result.unchecked_pairs += 1
             continue
         result.checked_pairs += 1
-        if similarity.score(a, b) >= matching.same_picture:
+        if value >= matching.same_picture:
             result.confirmed_pairs += 1
             components.union(int(labels[i]), int(labels[j]))
     root = np.array([components.find(c) for c in range(len(components.parent))])
