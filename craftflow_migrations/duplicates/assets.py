@@ -5,6 +5,7 @@ from pathlib import Path
 
 import dagster as dg
 import numpy as np
+from pydantic import Field
 from sqlalchemy import text
 
 from ..db import PostgresResource
@@ -25,12 +26,13 @@ def default_report_dir() -> Path:
 
 
 class DuplicatesConfig(dg.Config):
-    # pHashes this close (of 256 bits) are one design without a second look.
-    threshold: int = DEFAULT_THRESHOLD
-    # Up to this far, the stored thumbnails decide (crops, rotations, watermarks).
-    candidate_bits: int = CANDIDATE_BITS
-    # The thumbnails' score from which two files are the same picture (1.0: identical).
-    same_picture: float = SAME_PICTURE
+    # Validated with the run config, so a bad value is refused at launch with its name.
+    threshold: int = Field(DEFAULT_THRESHOLD, ge=0, le=255,
+                           description="pHashes this close (bits of 256) are one design without a second look")
+    candidate_bits: int = Field(CANDIDATE_BITS, ge=0, le=255,
+                                description="up to this far apart, the stored thumbnails decide")
+    same_picture: float = Field(SAME_PICTURE, gt=0.0, le=1.0,
+                                description="thumbnail score from which two files are the same picture")
     report_dir: str = ""
     # Regroup every scope, not only those whose images changed (after editing shops' tenants).
     full: bool = False
