@@ -41,19 +41,22 @@ def _print_outcome(title: str, outcome, applied: list[str] | None = None) -> Non
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from functools import cache
+
     from . import worker
-    from .instance import get_instance
+    from .instance import ensure_dagster_home, get_instance
 
     mode = args.mode or settings.get_settings().mode
     url = _database_url()
-    instance = get_instance()
-    _out(f"craftflow-migrate: MIGRATION_MODE={mode}, Dagster instance {instance.root_directory}")
+    # Opened (and Dagster imported) only when a run starts: not for an unchanged NAS.
+    instance = cache(get_instance)
+    _out(f"craftflow-migrate: MIGRATION_MODE={mode}, Dagster instance {ensure_dagster_home()}")
     ok = True
     if mode == "all":
         worker.warm_step_processes()  # its imports overlap the startup job
 
     if mode in ("all", "startup"):
-        outcome = worker.run_startup(instance)
+        outcome = worker.run_startup(instance())
         _print_outcome("Startup migrations", outcome, worker.applied_in_run(url, outcome.run_id))
         ok &= outcome.success
         if not outcome.success and mode == "all":
@@ -62,7 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if mode in ("all", "nas-only"):
         try:
-            outcomes = worker.run_nas_import(instance)
+            listing = worker.scan_nas()
+            outcomes = worker.unchanged_since_last_import(listing) or worker.run_nas_import(instance(),
+                                                                                           listing=listing)
         except worker.NasNotConfigured as exc:
             if mode == "nas-only":
                 _out(f"❌ NAS credentials not configured: {exc}")
@@ -93,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 # No image changed since the last grouping: no run, no global work.
                 _out("Duplicate groups: unchanged (no image changed since they were last grouped)")
             else:
-                dup = worker.run_duplicates(instance)
+                dup = worker.run_duplicates(instance())
                 meta = dup.metadata.get("design_duplicates", {})
                 if dup.success:
                     _out(f"Duplicate groups: {meta.get('exact_groups', 0)} exact, {meta.get('near_groups', 0)} near "
@@ -103,7 +108,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 ok &= dup.success
 
     if mode in ("all", "complex"):
-        outcome = worker.run_complex(instance)
+        outcome = worker.run_complex(instance())
         _print_outcome("Complex migrations", outcome, worker.applied_in_run(url, outcome.run_id))
         ok &= outcome.success
 

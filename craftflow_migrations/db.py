@@ -7,12 +7,9 @@ event log; every message that could carry it goes through :func:`redact`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
-from contextlib import contextmanager
 
-import dagster as dg
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from .settings import ConfigError, check_database_url, environment_secrets, url_passwords
@@ -90,21 +87,3 @@ def check_connection(url: str) -> None:
         raise DatabaseConnectionError(
             redact(f"Database connection failed: {error_line(exc)} ({safe_url(url)})", url)
         ) from None
-
-
-class PostgresResource(dg.ConfigurableResource):
-    """PostgreSQL from ``DATABASE_URL``; configure it with ``EnvVar('DATABASE_URL')``."""
-
-    database_url: str
-
-    @property
-    def engine(self) -> Engine:
-        return get_engine(self.database_url)
-
-    @contextmanager
-    def connect(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            yield conn
-
-    def redact(self, message: str) -> str:
-        return redact(message, self.database_url)

@@ -1,19 +1,15 @@
-"""The Dagster instance the worker records its runs in."""
+"""The Dagster instance the worker records its runs in (Dagster is imported only when one is needed)."""
 
 from __future__ import annotations
 
 import fcntl
-import os
-from collections.abc import Sequence
 from pathlib import Path
-
-import dagster as dg
-from dagster._core.events import ASSET_EVENTS
-from dagster._core.events.log import EventLogEntry
-from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
-from dagster._serdes import ConfigurableClassData
+from typing import TYPE_CHECKING
 
 from .settings import get_settings, set_dagster_home
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 LOCAL_HOME = Path.home() / ".craftflow_migrations" / "dagster_home"
 # A local instance needs no server: SQLite storage under DAGSTER_HOME, plus the SFTP pool.
@@ -24,7 +20,7 @@ telemetry:
 # SQLite event log that writes a batch of events (a run's thousands of per-partition
 # materializations) in two transactions instead of two per event.
 event_log_storage:
-  module: craftflow_migrations.instance
+  module: craftflow_migrations.event_log
   class: BatchingSqliteEventLogStorage
   config:
     base_dir:
@@ -43,38 +39,13 @@ run_retries:
 """
 
 
-class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
-    """Dagster's SQLite event log, with ``store_event_batch`` writing a batch at once.
+def __getattr__(name: str):
+    # dagster.yaml files written before the storage moved to event_log.py name it here.
+    if name == "BatchingSqliteEventLogStorage":
+        from .event_log import BatchingSqliteEventLogStorage
 
-    Dagster hands batches of asset events to ``store_event_batch`` when
-    ``DAGSTER_EVENT_BATCH_SIZE`` is set (the worker sets it): a run over a range of 3,000
-    folders plans and materializes 3,000 partitions. The SQLite storage stores them one by
-    one, each with two connections and two commits (15 s of the worker's time for 3,000
-    folders, and as much in the summary step); here each batch is one multi-row insert into
-    the run's shard and one transaction in the index shard, with exactly the rows
-    ``store_event`` writes. ``base_dir`` is DAGSTER_HOME; run shards live in ``history/runs``.
-    """
-
-    def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
-        super().__init__(os.path.join(base_dir, "history", "runs"), inst_data)
-
-    @classmethod
-    def from_config_value(cls, inst_data: ConfigurableClassData | None, config_value: dict):
-        return cls(inst_data=inst_data, **config_value)
-
-    def store_event_batch(self, events: Sequence[EventLogEntry]) -> None:
-        asset = [e for e in events if e.is_dagster_event and e.dagster_event_type in ASSET_EVENTS]
-        if len(asset) != len(events):  # anything but plain asset events: Dagster's own path
-            super().store_event_batch(events)
-            return
-        for run_id in dict.fromkeys(e.run_id for e in events):
-            with self.run_connection(run_id) as conn:
-                conn.execute(self.prepare_insert_event_batch([e for e in events if e.run_id == run_id]))
-        with self.index_transaction() as conn:
-            ids = [conn.execute(self.prepare_insert_event(e)).inserted_primary_key[0] for e in events]
-            self._store_asset_event_tags(conn, list(events), ids)
-            for event, event_id in zip(events, ids, strict=True):
-                self._store_asset_event(conn, event, event_id)
+        return BatchingSqliteEventLogStorage
+    raise AttributeError(name)
 
 
 def ensure_dagster_home() -> Path:
@@ -95,6 +66,8 @@ def get_instance() -> dg.DagsterInstance:
     Two workers starting at once on a fresh SQLite-backed DAGSTER_HOME would both create
     its tables ("table runs already exists"); PostgreSQL storage is unaffected.
     """
+    import dagster as dg
+
     home = ensure_dagster_home()
     with open(home / ".craftflow-init.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

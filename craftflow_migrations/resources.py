@@ -7,11 +7,33 @@ config, logs or the event log.
 
 from __future__ import annotations
 
-import dagster as dg
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from .db import PostgresResource
+import dagster as dg
+from sqlalchemy.engine import Connection, Engine
+
+from .db import get_engine, redact
 from .nas.resource import NasResource
 from .settings import get_settings
+
+
+class PostgresResource(dg.ConfigurableResource):
+    """PostgreSQL from ``DATABASE_URL``; configure it with ``EnvVar('DATABASE_URL')``."""
+
+    database_url: str
+
+    @property
+    def engine(self) -> Engine:
+        return get_engine(self.database_url)
+
+    @contextmanager
+    def connect(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def redact(self, message: str) -> str:
+        return redact(message, self.database_url)
 
 
 def build_resources() -> dict:

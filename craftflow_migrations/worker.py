@@ -12,14 +12,19 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import dagster as dg
 from sqlalchemy import text
 
 from .db import get_engine
 from .nas.clients import NasError
-from .nas.partitions import plain_metadata
 from .settings import get_settings
+
+if TYPE_CHECKING:
+    # Dagster is imported only when a run starts: a re-run of an unchanged NAS never needs it.
+    import dagster as dg
+
+    from .nas.listing import SavedListing
 
 log = logging.getLogger("craftflow_migrations.worker")
 
@@ -47,6 +52,10 @@ LOG_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
 
 def _execute(factory: Callable[[], dg.JobDefinition], instance: dg.DagsterInstance,
              tags: dict[str, str] | None = None, run_config: dict | None = None) -> RunOutcome:
+    import dagster as dg
+
+    from .nas.partitions import plain_metadata
+
     run_config = {**LOG_CONFIG, **(run_config or {})}
     with dg.execute_job(dg.reconstructable(factory), instance, tags=tags, run_config=run_config) as result:
         outcome = RunOutcome(result.job_def.name, result.run_id, result.success,
@@ -102,10 +111,26 @@ def applied_in_run(database_url: str, run_id: str) -> list[str]:
 
 def duplicates_pending(database_url: str) -> bool:
     """Whether any image changed since duplicates were last grouped (one indexed look-up)."""
-    from .duplicates.store import has_changes
+    from .nas import store
 
     with get_engine(database_url).connect() as conn:
-        return has_changes(conn)
+        return store.duplicates_pending(conn)
+
+
+def unchanged_since_last_import(listing: SavedListing) -> list[RunOutcome] | None:
+    """An outcome per folder when every listed folder matches its last complete import, else None.
+
+    One query against ``nas_partition_state``, no Dagster: the worker imports Dagster and
+    opens its instance only when there is something to import.
+    """
+    from .nas import store
+
+    fingerprints = {key: li.fingerprint for key, li in listing.partitions.items()}
+    with get_engine(get_settings().require_database_url()).connect() as conn:
+        saved = store.saved_fingerprints(conn, list(fingerprints))
+    if not fingerprints or saved != fingerprints:
+        return None
+    return [RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in fingerprints]
 
 
 class NasNotConfigured(RuntimeError):
@@ -167,7 +192,8 @@ def warm_step_processes(run_config: dict | None = None) -> None:
 
 def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
                    shop: str | None = None, extra_tags: dict[str, str] | None = None,
-                   run_config: dict | None = None, force: bool = False) -> list[RunOutcome]:
+                   run_config: dict | None = None, force: bool = False,
+                   listing: SavedListing | None = None) -> list[RunOutcome]:
     """Import all partitions, the given ones, or every template of ``shop``: one outcome each.
 
     Partitions whose listing is unchanged since their last materialization are not run
@@ -182,7 +208,7 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     from .nas.partitions import PARTITIONS_NAME, partitions_to_import
     from .nas.ranges import contiguous_ranges, partition_tags
 
-    listing = scan_nas(partitions)
+    listing = listing or scan_nas(partitions)
     fingerprints = {key: li.fingerprint for key, li in listing.partitions.items()}
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
@@ -194,6 +220,13 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
                                     skip_in_flight=False))
     outcomes: dict[str, RunOutcome] = {
         key: RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in keys if key not in todo}
+    if outcomes:
+        # Folders Dagster knows as imported (before nas_partition_state existed, or a state
+        # row lost): recorded, so the next unchanged run needs no Dagster at all.
+        from .nas import store
+
+        with get_engine(get_settings().require_database_url()).begin() as conn:
+            store.save_fingerprints(conn, {key: fingerprints[key] for key in outcomes})
     if todo:
         # An unchanged NAS imports none of the job's code and starts no step processes at all.
         from .definitions import nas_import_job_factory, nas_import_run_config
@@ -216,4 +249,4 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
 
 
 __all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run",
-           "run_complex", "run_nas_import", "run_startup"]
+           "run_complex", "run_nas_import", "run_startup", "scan_nas", "unchanged_since_last_import"]

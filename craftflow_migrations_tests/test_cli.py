@@ -149,3 +149,44 @@ def test_demo_masks_a_supplied_database_url(postgres_server, database_url, tmp_p
     assert result.returncode == 0, result.stdout + result.stderr
     assert "DATABASE_URL='postgresql://postgres:***@" in result.stdout
     assert "Dm0-Pw9xK" not in result.stdout + result.stderr
+
+
+# The CLI as a module, reporting afterwards whether Dagster was ever imported.
+WITHOUT_DAGSTER = """
+import runpy, sys
+sys.argv = ["craftflow-migrate"]
+try:
+    runpy.run_module("craftflow_migrations.cli", run_name="__main__")
+except SystemExit as exit_:
+    code = exit_.code
+print("dagster imported:", "dagster" in sys.modules)
+sys.exit(code)
+"""
+
+
+def test_unchanged_nas_rerun_needs_no_dagster_and_a_change_brings_it_back(migrated_url, dagster_home, tmp_path):
+    from craftflow_migrations.sample_nas import write_sample_nas
+
+    base = write_sample_nas(tmp_path / "nas")
+    env = cli_env(MIGRATION_MODE="nas-only", NAS_BASE_PATH=str(base))
+    first = run_cli(env=env)
+    assert first.returncode == 0, first.stdout + first.stderr
+    with get_engine(migrated_url).begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM nas_partition_state")).scalar() == 3
+        # As after an upgrade: the table is new and empty, Dagster alone knows the imports.
+        conn.execute(text("DELETE FROM nas_partition_state"))
+    refill = subprocess.run([sys.executable, "-c", WITHOUT_DAGSTER], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert "3 unchanged since their last import" in refill.stdout and "dagster imported: True" in refill.stdout
+    rerun = subprocess.run([sys.executable, "-c", WITHOUT_DAGSTER], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "3 unchanged since their last import" in rerun.stdout and "dagster imported: False" in rerun.stdout
+    assert "Duplicate groups: unchanged" in rerun.stdout
+    # One new file: back through Dagster, exactly that file imported.
+    new = next(base.glob("*/*/*.png"))
+    (new.parent / "new design.png").write_bytes(new.read_bytes()[:-1] + b"\0")
+    changed = subprocess.run([sys.executable, "-c", WITHOUT_DAGSTER], env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert changed.returncode == 0, changed.stdout + changed.stderr
+    assert "1 imported" in changed.stdout and "dagster imported: True" in changed.stdout

@@ -14,10 +14,11 @@ from PIL import Image
 from sqlalchemy import text
 
 from benchmarks.real_photos import corpus, sources
-from craftflow_migrations.db import PostgresResource, get_engine
+from craftflow_migrations.db import get_engine
 from craftflow_migrations.duplicates.assets import design_duplicates
 from craftflow_migrations.duplicates.grouping import Group, ImageRow
 from craftflow_migrations.duplicates.report import PAGE_SIZE, write_report
+from craftflow_migrations.resources import PostgresResource
 
 from .support import import_local_folder
 from .test_ui import rendered_dom

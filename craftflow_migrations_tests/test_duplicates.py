@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from craftflow_migrations.db import PostgresResource, get_engine
+from craftflow_migrations.db import get_engine
 from craftflow_migrations.duplicates.assets import (
     design_duplicates,
     failed_share_under_limit,
@@ -22,6 +22,7 @@ from craftflow_migrations.duplicates.grouping import ImageRow, choose_keep, find
 from craftflow_migrations.nas import store as nas_store
 from craftflow_migrations.nas.assets import design_images
 from craftflow_migrations.nas.resource import NasResource
+from craftflow_migrations.resources import PostgresResource
 from craftflow_migrations.sample_nas import near_copies
 
 from .conftest import cli_env
@@ -178,7 +179,6 @@ def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_pat
 
 
 def test_only_scopes_whose_images_changed_are_regrouped(migrated_url, nas_folder, instance, tmp_path):
-    from craftflow_migrations.duplicates import store as dup_store
 
     import_folder(migrated_url, nas_folder)
     engine = get_engine(migrated_url)
@@ -192,7 +192,7 @@ def test_only_scopes_whose_images_changed_are_regrouped(migrated_url, nas_folder
     first = materialize()
     assert first["near_groups"] == 3 and first["scopes_regrouped"] == 2
     with engine.connect() as conn:
-        assert not dup_store.has_changes(conn)
+        assert not nas_store.duplicates_pending(conn)
         before = conn.execute(text("SELECT id FROM design_duplicate_groups ORDER BY id")).scalars().all()
     again = materialize()  # nothing changed: nothing regrouped, the groups stay as they are
     assert again["scopes_regrouped"] == 0 and again["images_regrouped"] == 0 and again["near_groups"] == 3

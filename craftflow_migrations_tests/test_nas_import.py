@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
-from craftflow_migrations.db import PostgresResource, get_engine
+from craftflow_migrations.db import get_engine
 from craftflow_migrations.definitions import (
     nas_import_job_factory,
     nas_import_run_config,
@@ -22,6 +22,7 @@ from craftflow_migrations.definitions import (
 )
 from craftflow_migrations.nas.assets import nas_partitions
 from craftflow_migrations.nas.resource import NasResource
+from craftflow_migrations.resources import PostgresResource
 
 from .conftest import cli_env
 from .proxy import DroppingProxy

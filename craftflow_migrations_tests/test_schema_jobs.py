@@ -5,7 +5,7 @@ import shutil
 import dagster as dg
 from sqlalchemy import text
 
-from craftflow_migrations.db import PostgresResource
+from craftflow_migrations.resources import PostgresResource
 from craftflow_migrations.schema.discovery import discover
 from craftflow_migrations.schema.jobs import build_migration_job
 

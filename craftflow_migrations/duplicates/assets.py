@@ -8,9 +8,9 @@ import numpy as np
 from pydantic import Field
 from sqlalchemy import text
 
-from ..db import PostgresResource
 from ..nas.assets import design_images
 from ..nas.hashing import PHASH_ALGORITHM
+from ..resources import PostgresResource
 from ..settings import get_settings
 from . import store
 from .grouping import CANDIDATE_BITS, DEFAULT_THRESHOLD, Matching, cluster, make_group, members_of

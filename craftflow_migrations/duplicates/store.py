@@ -110,10 +110,6 @@ def take_changed_scopes(conn: Connection) -> set[str]:
     return set(rows.scalars())
 
 
-def has_changes(conn: Connection) -> bool:
-    return bool(conn.execute(text("SELECT EXISTS (SELECT 1 FROM design_duplicate_dirty_shops)")).scalar())
-
-
 # Two duplicates runs at once (two containers deploying) take turns on this lock.
 GROUPS_LOCK_KEY = 7_301_845_112_004_200
 

@@ -13,7 +13,7 @@ from datetime import datetime
 
 import dagster as dg
 
-from ..db import PostgresResource
+from ..resources import PostgresResource
 from ..schema import runner
 from ..schema.discovery import discover
 from ..settings import migrations_dir
@@ -208,6 +208,8 @@ def summarize_nas_import(context: dg.AssetExecutionContext, scan: RunPlan, resul
         changed |= store.link_shops(conn, (shop for shop, _ in parts.values()))
         store.mark_shops_changed(conn, changed)
         duplicates = store.exact_duplicate_counts(conn, parts.values())
+        # Every batch step succeeded (this step runs only then): these folders are imported.
+        store.save_fingerprints(conn, {key: plan.fingerprint for key, plan in scan.partitions.items()})
     totals = Counts()
     metadata_by_key: dict[str, dict] = {}
     for key, plan in scan.partitions.items():

@@ -11,7 +11,7 @@ import hashlib
 
 import dagster as dg
 
-from ..db import PostgresResource
+from ..resources import PostgresResource
 from .assets import pending_startup_migrations
 from .clients import NasError
 from .listing import list_nas

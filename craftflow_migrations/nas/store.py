@@ -199,6 +199,28 @@ def link_shops(conn: Connection, shops: Iterable[str]) -> set[str]:
     return {r.shop for r in rows}
 
 
+def duplicates_pending(conn: Connection) -> bool:
+    """Whether a shop was marked since duplicates were last grouped (one indexed look-up)."""
+    return bool(conn.execute(text("SELECT EXISTS (SELECT 1 FROM design_duplicate_dirty_shops)")).scalar())
+
+
+def save_fingerprints(conn: Connection, fingerprints: dict[str, str]) -> None:
+    """Record each folder's listing fingerprint at its complete import (one statement)."""
+    if fingerprints:
+        keys = sorted(fingerprints)
+        conn.execute(text(
+            "INSERT INTO nas_partition_state (partition_key, fingerprint) "
+            "SELECT * FROM unnest(CAST(:k AS text[]), CAST(:f AS text[])) "
+            "ON CONFLICT (partition_key) DO UPDATE SET fingerprint = EXCLUDED.fingerprint, imported_at = now()"),
+            {"k": keys, "f": [fingerprints[k] for k in keys]})
+
+
+def saved_fingerprints(conn: Connection, keys: Sequence[str]) -> dict[str, str]:
+    rows = conn.execute(text("SELECT partition_key, fingerprint FROM nas_partition_state "
+                             "WHERE partition_key = ANY(:k)"), {"k": list(keys)})
+    return {r.partition_key: r.fingerprint for r in rows}
+
+
 def mark_shops_changed(conn: Connection, shops: Iterable[str]) -> None:
     """The duplicates step regroups these shops' scopes next time (and only those)."""
     shops = sorted(set(shops))

@@ -7,7 +7,7 @@ The UI graph shows the migration order, and a failed op skips exactly its depend
 
 import dagster as dg
 
-from ..db import PostgresResource
+from ..resources import PostgresResource
 from ..settings import get_settings
 from . import ledger, runner
 from .batched import collect_results
