@@ -95,3 +95,22 @@ def test_report_pages_a_large_scope_and_every_thumbnail_loads(tmp_path):
     again = write_report(groups[:3], tmp_path / "report", lambda shas: {s: thumbs[s] for s in shas})
     assert len(list(again.parent.glob("pages-*"))) == 1
     Image.open(next((again.parent / "thumbs").iterdir())).verify()
+
+
+def test_thumbnail_scores_are_the_same_in_a_process_pool(monkeypatch):
+    from craftflow_migrations.duplicates import similarity
+    from craftflow_migrations.nas.hashing import describe_image
+
+    samples = [s for s in corpus() if s.source.startswith(("china", "aero"))][:24]
+    thumbs = {str(k): describe_image(s.data).thumbnail for k, s in enumerate(samples)}
+    thumbs["broken"] = b"not a picture"
+    pairs = [(str(a), str(b)) for a in range(len(samples)) for b in range(a + 1, len(samples))]
+    pairs += [("0", "missing"), ("0", "broken")]
+    monkeypatch.setattr(similarity, "PARALLEL_FROM", 1)
+    alone = similarity.score_pairs(pairs, thumbs, workers=1)
+    pooled = similarity.score_pairs(pairs, thumbs, workers=2)
+    assert alone[-2:] == pooled[-2:] == [None, None]
+    # BLAS may block a product differently on one thread: equal to rounding.
+    assert all(abs(a - b) < 1e-5 for a, b in zip(alone[:-2], pooled[:-2], strict=True))
+    same = {(a, b) for (a, b), v in zip(pairs, alone, strict=True) if v is not None and v >= similarity.SAME_PICTURE}
+    assert all(samples[int(a)].source == samples[int(b)].source for a, b in same) and same

@@ -212,3 +212,36 @@ def test_one_group_per_design_with_its_exact_copies_inside():
                                                                                sha="2" * 64)
     groups = find_groups([original, copy, resized, twin_a, twin_b])
     assert [(g.kind, [m.id for m in g.members]) for g in groups] == [("exact", [4, 5]), ("near", [1, 2, 3])]
+
+
+def test_shop_names_with_tabs_newlines_and_backslashes_keep_their_scope(migrated_url, instance, tmp_path):
+    """Folder names are data: a scope read back must be the scope written, or old groups linger."""
+    from craftflow_migrations.nas.hashing import PHASH_ALGORITHM
+
+    names = ["Tab\tShop", "New\nLine", "Back\\slash", 'Quote"Shop, Ltd']
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        for k, shop in enumerate(names):
+            for copy in range(2):  # the same bytes twice: one exact group per shop
+                conn.execute(text(
+                    "INSERT INTO design_images (shop, template, path, size_bytes, mtime, sha256, phash, "
+                    "hash_algorithm, width, height, format) VALUES (:shop, 'T', :path, 10, now(), :sha, :phash, :alg, "
+                    "10, 10, 'PNG')"),
+                    {"shop": shop, "path": f"{shop}/T/{copy}.png", "sha": f"{k:064x}", "phash": f"{k + 1:064x}",
+                     "alg": PHASH_ALGORITHM})
+        nas_store.mark_shops_changed(conn, names)
+
+    def materialize() -> None:
+        assert dg.materialize([design_duplicates], instance=instance,
+                              resources={"postgres": PostgresResource(database_url=migrated_url)},
+                              run_config={"ops": {"design_duplicates": {"config": {"report_dir": str(tmp_path)}}}}
+                              ).success
+
+    materialize()
+    with engine.begin() as conn:
+        scopes = conn.execute(text("SELECT scope FROM design_duplicate_groups ORDER BY scope")).scalars().all()
+        assert scopes == sorted(f"shop:{n}" for n in names)
+        nas_store.mark_shops_changed(conn, names)
+    materialize()  # regrouping the same shops replaces their groups, never adds a second set
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM design_duplicate_groups")).scalar() == len(names)

@@ -21,6 +21,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import lru_cache
 
 import numpy as np
@@ -132,13 +133,18 @@ def score_pairs(pairs: Sequence[tuple[str, str]], thumbnails: Mapping[str, bytes
     thousand pairs is about a second of CPU.
     """
     workers = workers or min(os.cpu_count() or 1, 8)
-    if workers < 2 or len(pairs) < PARALLEL_FROM:
+    # A daemonic process (a Celery prefork worker) may not have children: score in-process.
+    if workers < 2 or len(pairs) < PARALLEL_FROM or multiprocessing.current_process().daemon:
         return _score_chunk(pairs, thumbnails)
     chunks = [pairs[start:start + _CHUNK] for start in range(0, len(pairs), _CHUNK)]
     # forkserver: never fork a process whose other threads (Dagster's, the log capture) may
     # hold a lock the child would wait on forever.
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_blas_thread) as pool:
-        futures = [pool.submit(_score_chunk, chunk, {s: thumbnails[s] for pair in chunk for s in pair
-                                                     if s in thumbnails}) for chunk in chunks]
-        return [value for future in futures for value in future.result()]
+    try:
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_one_blas_thread) as pool:
+            futures = [pool.submit(_score_chunk, chunk, {s: thumbnails[s] for pair in chunk for s in pair
+                                                         if s in thumbnails}) for chunk in chunks]
+            return [value for future in futures for value in future.result()]
+    except (OSError, BrokenProcessPool):
+        # No pool to be had here (process limits, a sandbox): slower, same answer.
+        return _score_chunk(pairs, thumbnails)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import io
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -47,12 +48,13 @@ def load_hashes(conn: Connection, scopes: Iterable[str] | None = None) -> HashTa
         f"SELECT d.id, {_SCOPE}, d.sha256, d.phash FROM design_images d LEFT JOIN shops s ON s.id = d.shop_id "
         f"WHERE {_CURRENT}{where} ORDER BY d.id", params).decode()
     buffer = io.StringIO()
-    cursor.copy_expert(f"COPY ({query}) TO STDOUT", buffer)
-    lines = buffer.getvalue().splitlines()
+    # CSV, not COPY's text format: a shop folder's name may hold a tab, a newline or a
+    # backslash, and csv reads back exactly the text that was written.
+    cursor.copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv)", buffer)
+    buffer.seek(0)
     ids, scope_of, shas, phashes = [], [], [], []
     codes: dict[str, int] = {}
-    for line in lines:
-        image_id, scope, sha, phash = line.split("\t")
+    for image_id, scope, sha, phash in csv.reader(buffer):
         ids.append(int(image_id))
         scope_of.append(codes.setdefault(scope, len(codes)))
         shas.append(sha)
