@@ -25,9 +25,8 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from . import similarity
-from .candidates import candidate_pairs, hamming
+from .candidates import HASH_BITS, candidate_pairs, hamming
 
-HASH_BITS = 256
 # Measured on generated and real photographs (benchmarks/bench_duplicate_quality.py):
 # re-encoded, resized, brightened copies are 0-18 bits apart; unrelated photographs 56 or more.
 DEFAULT_THRESHOLD = 22
