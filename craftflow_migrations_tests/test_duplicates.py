@@ -1,5 +1,6 @@
 """Duplicate groups from generated images: near copies group, unrelated designs do not."""
 
+import csv
 import json
 import random
 import re
@@ -161,6 +162,9 @@ def test_asset_tables_report_and_cli(migrated_url, nas_folder, instance, tmp_pat
     scope_dom = rendered_dom((report_dir / page).as_uri())
     assert 'data-thumbs-total="18"' in scope_dom and 'data-thumbs-loaded="18"' in scope_dom
     assert "All tenants and shops" in scope_dom
+    with open(report_dir / page.replace("page-1.html", "copies.csv"), newline="") as fh:
+        copies = list(csv.DictReader(fh))
+    assert len(copies) == 18 - 3 and all(c["keep_path"].endswith(".png") for c in copies)
 
     env = cli_env()
     out = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli", "duplicates", "--shop", "Shop B", "--json"],

@@ -11,6 +11,7 @@ rename: someone reading the report never sees half of one run and half of anothe
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import re
@@ -120,6 +121,22 @@ def summarize(groups: list[Group], labels: Mapping[str, str]) -> list[ScopeSumma
     return sorted(scopes.values(), key=lambda s: (s.label, s.scope))
 
 
+COPIES_CSV = "copies.csv"
+
+
+def _write_copies(path: Path, groups: list[Group]) -> None:
+    """Every file but the one to keep, a row each: the list a shop owner works through."""
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["group_id", "kind", "shop", "template", "path", "size_bytes", "distance_bits",
+                         "keep_shop", "keep_template", "keep_path", "keep_reason"])
+        for g in groups:
+            for m in g.members:
+                if m.id != g.keep.id:
+                    writer.writerow([g.id, g.kind, m.shop, m.template, m.path, m.size_bytes, g.distances.get(m.id, 0),
+                                     g.keep.shop, g.keep.template, g.keep.path, g.keep_reason])
+
+
 def _write_thumbnails(groups: list[Group], thumbs: Path, source: ThumbnailSource) -> set[str]:
     """Write the thumbnails not yet on disk, a few thousand at a time; return those present."""
     thumbs.mkdir(parents=True, exist_ok=True)
@@ -150,9 +167,10 @@ def write_report(groups: list[Group], out_dir: Path, thumbnails: ThumbnailSource
                 px=THUMB_PX, bytes_freed=bytes_freed,
                 thumbs_total=sum(1 for g in chunk for m in g.members if m.sha256 in shown))
             (folder / f"page-{page}.html").write_text(html, encoding="utf-8")
+        _write_copies(folder / COPIES_CSV, summary.groups)
     exact = sum(g.kind == "exact" for g in groups)
     html = _ENV.get_template("index.html").render(
-        scopes=scopes, pages_dir=pages_dir, px=THUMB_PX, exact=exact, near=len(groups) - exact,
+        scopes=scopes, pages_dir=pages_dir, copies_csv=COPIES_CSV, px=THUMB_PX, exact=exact, near=len(groups) - exact,
         files=sum(len(g.members) for g in groups), freed=sum(bytes_freed(g) for g in groups))
     index = out_dir / "index.html"
     staged = out_dir / "index.html.tmp"
