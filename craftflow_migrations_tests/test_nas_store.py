@@ -54,3 +54,74 @@ def test_link_shops_links_unambiguous_names_only(migrated_url):
         linked = dict(conn.execute(text(
             "SELECT d.shop, s.name FROM design_images d LEFT JOIN shops s ON s.id = d.shop_id")).all())
     assert linked == {ODD[0]: ODD[0], "Twice": None, "Nowhere": None}
+
+
+def test_upsert_by_copy_keeps_every_value_exactly(migrated_url):
+    """Binary COPY round trip: hostile names, raw path bytes with NUL and high bytes, NULLs,
+    exact microseconds before and after 2000 (PostgreSQL's epoch), the newer-listing guard."""
+    engine = get_engine(migrated_url)
+    hostile = "Shop \\x9e\t\"tab\"\nnew line, 'quote' \\N é 日本"
+    raw = b"Shop \x9e\x00\xff/odd.png"
+    early, late = store.to_timestamp(-1), store.to_timestamp(1_700_000_000_123_457)
+    rows = [
+        store.row_for(NasFile(hostile, "T", f"{hostile}/T/a.png", 123_456_789_012, -1, raw),
+                      ImageFacts("a" * 64, "f" * 64, 70_000, 1, "PNG"), late),
+        store.row_for(NasFile("Shop", "T", "Shop/T/broken.png", 0, 1_700_000_000_123_457),
+                      ImageFacts(None, None, None, None, None, "unreadable image: \\ tab\there"), early),
+    ]
+    with engine.begin() as conn:
+        assert store.upsert(conn, rows) == 2
+        assert store.upsert(conn, []) == 0
+        got = {r.path: r for r in conn.execute(text(
+            "SELECT shop, path, path_bytes, size_bytes, mtime, sha256, phash, hash_size, width, height, format, "
+            "status::text AS status, error, listed_at FROM design_images"))}
+    a, b = got[f"{hostile}/T/a.png"], got["Shop/T/broken.png"]
+    assert (a.shop, bytes(a.path_bytes), a.size_bytes, store.mtime_us(a.mtime)) == (hostile, raw, 123_456_789_012, -1)
+    assert (a.sha256, a.phash, a.hash_size, a.width, a.height, a.format, a.status, a.error) == (
+        "a" * 64, "f" * 64, 16, 70_000, 1, "PNG", "ok", None)
+    assert a.listed_at == late
+    assert (b.path_bytes, b.sha256, b.phash, b.width, b.status, b.error) == (
+        None, None, None, None, "failed", "unreadable image: \\ tab\there")
+    assert store.mtime_us(b.mtime) == 1_700_000_000_123_457 and b.listed_at == early
+
+    # An older listing changes nothing; a newer one replaces the row.
+    stale = store.row_for(NasFile(hostile, "T", f"{hostile}/T/a.png", 1, 5, raw),
+                          ImageFacts("b" * 64, "0" * 64, 1, 1, "PNG"), early)
+    with engine.begin() as conn:
+        assert store.upsert(conn, [stale]) == 0
+        stale["listed_at"] = late
+        assert store.upsert(conn, [stale]) == 1
+        assert conn.execute(text("SELECT sha256 FROM design_images WHERE size_bytes = 1")).scalar() == "b" * 64
+
+
+def test_thumbnails_by_copy_keep_the_first_and_survive_a_concurrent_writer(migrated_url):
+    """A sha256 already stored keeps its bytes; one stored by another transaction between the
+    look-up and the COPY (two batch steps importing byte-identical files) costs no error."""
+    import threading
+
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        store.save_thumbnails(conn, {"1" * 64: b"first\x00"})
+        store.save_thumbnails(conn, {"1" * 64: b"second", "2" * 64: b"\x00\xff" * 40_000})
+    with engine.connect() as other:
+        other.execute(text("INSERT INTO design_thumbnails (sha256, jpeg) VALUES (:s, 'theirs')"), {"s": "3" * 64})
+        errors: list[BaseException] = []
+
+        def ours() -> None:
+            try:
+                with engine.begin() as conn:
+                    # Does not see the uncommitted row, so COPYs it and waits on its unique key.
+                    store.save_thumbnails(conn, {"3" * 64: b"ours", "4" * 64: b"four"})
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        writer = threading.Thread(target=ours)
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive(), "the COPY should wait for the other transaction"
+        other.commit()
+        writer.join(30)
+    assert not errors
+    with engine.connect() as conn:
+        stored = {r.sha256: bytes(r.jpeg) for r in conn.execute(text("SELECT sha256, jpeg FROM design_thumbnails"))}
+    assert stored == {"1" * 64: b"first\x00", "2" * 64: b"\x00\xff" * 40_000, "3" * 64: b"theirs", "4" * 64: b"four"}

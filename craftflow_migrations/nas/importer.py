@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 
@@ -59,6 +60,7 @@ class BatchResult:
     files: int = 0
     seconds: float = 0.0
     partitions: dict[str, Counts] = field(default_factory=dict)
+    _by_folder: dict[tuple[str, str], Counts] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def total(self) -> Counts:
@@ -69,10 +71,13 @@ class BatchResult:
     def mb_per_s(self) -> float:
         return self.total.bytes_read / MB / self.seconds if self.seconds > 0 else 0.0
 
-    def count(self, f: NasFile, **deltas: int) -> None:
-        part = self.partitions.setdefault(f.key, Counts())
-        for name, delta in deltas.items():
-            setattr(part, name, getattr(part, name) + delta)
+    def counts(self, f: NasFile) -> Counts:
+        """This file's partition's counts, to add to."""
+        # By folder first: building the partition key for each of 100,000 files cost 0.01 ms each.
+        part = self._by_folder.get((f.shop, f.template))
+        if part is None:
+            part = self._by_folder[(f.shop, f.template)] = self.partitions.setdefault(f.key, Counts())
+        return part
 
 
 class Progress:
@@ -156,12 +161,21 @@ class ReadAhead:
                     if not self.ready:
                         return
                     items, self.ready = self.ready, []
+                done = 0
                 for item in items:
                     yield item
-                    with self.cond:
-                        self.held -= item[0].size
-                        if self.producer_waiting:
+                    done += item[0].size
+                    # Bytes go back to the budget at the end of the list, or at once when the
+                    # reader waits for them: a lock round per small file costs more than its read.
+                    if self.producer_waiting:
+                        with self.cond:
+                            self.held -= done
+                            done = 0
                             self.cond.notify_all()
+                with self.cond:
+                    self.held -= done
+                    if self.producer_waiting:
+                        self.cond.notify_all()
         finally:
             with self.cond:
                 self.stopped = True
@@ -201,7 +215,7 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     for f in files:
         row = known.get((f.shop, f.template, f.path))
         if row is not None and row.is_current(f, max_file_bytes):
-            result.count(f, skipped=1)
+            result.counts(f).skipped += 1
         else:
             todo.append(f)
     progress = Progress(label, len(todo), sum(f.size for f in todo), logger)
@@ -209,27 +223,39 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     pending_thumbs: dict[str, bytes] = {}
     pending_bytes = 0
     last_flush = time.monotonic()
+    # Commits run on a thread while the next files are hashed: waiting for the database
+    # (its writes, the WAL flush at commit) would otherwise leave this core idle, 0.1 ms a
+    # small file. One flush at a time: the next hand-over waits for the one before and
+    # raises its error (a lost database fails the batch, which the asset retries).
+    writer = ThreadPoolExecutor(1, thread_name_prefix="nas-writer")
+    in_flight: Future | None = None
 
-    def flush() -> None:
-        nonlocal pending, pending_thumbs, pending_bytes, last_flush
+    def write(rows: list[dict], thumbs: dict[str, bytes]) -> None:
         with engine.begin() as conn:
             # Thumbnails first, in the same transaction: a row never points at a missing picture.
-            store.save_thumbnails(conn, pending_thumbs)
-            store.upsert(conn, pending)
+            store.save_thumbnails(conn, thumbs)
+            store.upsert(conn, rows)
+
+    def flush() -> None:
+        nonlocal pending, pending_thumbs, pending_bytes, last_flush, in_flight
+        if in_flight is not None:
+            in_flight.result()
+        in_flight = writer.submit(write, pending, pending_thumbs) if pending else None
         pending, pending_thumbs, pending_bytes, last_flush = [], {}, 0, time.monotonic()
 
     def handle(f: NasFile, data: bytes | None, error: BaseException | None) -> None:
         nonlocal pending_bytes
+        counts = result.counts(f)
         if error is not None:
             facts = ImageFacts(None, None, None, None, None, read_failure(client, f, error))
         else:
             facts = describe_image(data, limits)
-            result.count(f, bytes_read=len(data))
+            counts.bytes_read += len(data)
         if facts.error:
-            result.count(f, failed=1)
+            counts.failed += 1
             logger.warning(f"{shown(f.path)}: {facts.error}")
         else:
-            result.count(f, imported=1)
+            counts.imported += 1
         pending.append(store.row_for(f, facts, listed_at))
         if facts.thumbnail is not None:
             pending_thumbs[facts.sha256] = facts.thumbnail
@@ -242,17 +268,19 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
                 or time.monotonic() - last_flush >= flush_every_s):
             flush()
 
-    if pipelined and len(todo) > 1:
-        for f, data, error in ReadAhead(client, todo, prefetch_bytes):
-            handle(f, data, error)
-    else:
-        for f in todo:
-            try:
-                data, error = client.read(f.rel), None
-            except OSError as exc:
-                data, error = None, exc
-            handle(f, data, error)
-    flush()
+    with writer:
+        if pipelined and len(todo) > 1:
+            for f, data, error in ReadAhead(client, todo, prefetch_bytes):
+                handle(f, data, error)
+        else:
+            for f in todo:
+                try:
+                    data, error = client.read(f.rel), None
+                except OSError as exc:
+                    data, error = None, exc
+                handle(f, data, error)
+        flush()
+        flush()  # waits for the last one
     result.files = len(files)
     result.seconds = time.monotonic() - started
     return result

@@ -51,6 +51,12 @@ class NasFile:
     def key(self) -> str:
         return partition_key(self.shop, self.template)
 
+    def __reduce__(self):
+        # Pickled as a plain tuple: a slots dataclass's own __getstate__ calls fields() for
+        # every object, 0.9 of the 1.2 s it took to save a listing of 100,000 files (and again
+        # for every batch step's input).
+        return NasFile, (self.shop, self.template, self.path, self.size, self.mtime_us, self.raw_path)
+
 
 @dataclass(frozen=True, slots=True)
 class ListingProblem:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from psycopg2 import Binary
+from psycopg2.errors import UniqueViolation
 from psycopg2.extras import execute_values
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from .copy_binary import copy_rows
 from .hashing import HASH_SIZE, PHASH_ALGORITHM, ImageFacts
 from .listing import NasFile
 
@@ -113,43 +115,62 @@ def row_for(f: NasFile, facts: ImageFacts, listed_at: datetime, status: str | No
 
 _COLUMNS = ("shop", "template", "path", "path_bytes", "size_bytes", "mtime", "sha256", "phash", "hash_algorithm",
             "hash_size", "width", "height", "format", "status", "error", "listed_at")
+_TYPES = ("text", "text", "text", "bytea", "int8", "timestamptz", "text", "text", "text",
+          "int2", "int4", "int4", "text", "text", "text", "timestamptz")
+_INCOMING = "incoming_design_images"
 _UPSERT = f"""
-    INSERT INTO design_images ({", ".join(_COLUMNS)}) VALUES %s
+    INSERT INTO design_images ({", ".join(_COLUMNS)}) SELECT {", ".join(_COLUMNS)} FROM {_INCOMING}
     ON CONFLICT ON CONSTRAINT design_images_shop_template_path_key DO UPDATE SET
         {", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[3:])}, imported_at = now(), removed_at = NULL
     WHERE design_images.listed_at IS NULL OR design_images.listed_at <= EXCLUDED.listed_at
 """
-_TEMPLATE = "(" + ", ".join("%s::design_image_status" if c == "status" else "%s" for c in _COLUMNS) + ")"
 
 
 def upsert(conn: Connection, rows: Sequence[dict]) -> int:
-    """Insert or update rows, a thousand to a statement; rows a newer listing wrote are left alone.
+    """Insert or update rows; rows a newer listing wrote are left alone.
 
-    psycopg2's ``execute_values`` builds one multi-row statement per page without compiling
-    anything per row: about 0.01 ms a row, against 0.3 ms for SQLAlchemy's multi-row insert
-    flushed every 16 files.
+    The rows go by binary COPY into a temporary table of this transaction, then in one
+    ``INSERT ... SELECT ... ON CONFLICT``: a third of the CPU of multi-row ``INSERT``s on both
+    sides. The temporary table is dropped again, so several calls may share a transaction and
+    a pooled session keeps nothing.
     """
     if not rows:
         return 0
-    cursor = conn.connection.dbapi_connection.cursor()
-    try:
-        execute_values(cursor, _UPSERT, [tuple(r[c] for c in _COLUMNS) for r in rows], template=_TEMPLATE,
-                       page_size=1000)
-        return cursor.rowcount
-    finally:
-        cursor.close()
+    conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {_INCOMING} AS SELECT {', '.join(_COLUMNS)} "
+                         "FROM design_images WITH NO DATA")
+    copy_rows(conn, _INCOMING, _COLUMNS, _TYPES, [tuple(r[c] for c in _COLUMNS) for r in rows])
+    count = conn.exec_driver_sql(_UPSERT).rowcount
+    conn.exec_driver_sql(f"DROP TABLE {_INCOMING}")
+    return count
 
 
 def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes]) -> None:
-    """Content-addressed: a sha256 already there keeps its thumbnail (same bytes, same picture)."""
+    """Content-addressed: a sha256 already there keeps its thumbnail (same bytes, same picture).
+
+    The new ones go in by binary COPY (a third of the server's CPU of a multi-row INSERT,
+    whose bytea travels as hex). COPY has no ON CONFLICT: the sha256s already stored are
+    looked up first, and when another import stores one of the rest between the look-up and
+    the COPY (byte-identical files in two batch steps at once), the COPY is rolled back to
+    its savepoint and the same thumbnails go in with ``ON CONFLICT DO NOTHING``.
+    """
     if not thumbnails:
         return
-    cursor = conn.connection.dbapi_connection.cursor()
+    stored = {r.sha256 for r in conn.execute(
+        text("SELECT sha256 FROM design_thumbnails WHERE sha256 = ANY(:s)"), {"s": list(thumbnails)})}
+    new = [(sha, data) for sha, data in thumbnails.items() if sha not in stored]
+    if not new:
+        return
     try:
-        execute_values(cursor, "INSERT INTO design_thumbnails (sha256, jpeg) VALUES %s ON CONFLICT (sha256) DO NOTHING",
-                       [(sha, Binary(data)) for sha, data in thumbnails.items()], page_size=500)
-    finally:
-        cursor.close()
+        with conn.begin_nested():
+            copy_rows(conn, "design_thumbnails", ("sha256", "jpeg"), ("text", "bytea"), new)
+    except UniqueViolation:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            execute_values(cursor, "INSERT INTO design_thumbnails (sha256, jpeg) VALUES %s "
+                           "ON CONFLICT (sha256) DO NOTHING", [(sha, Binary(data)) for sha, data in new],
+                           page_size=500)
+        finally:
+            cursor.close()
 
 
 def thumbnails(conn: Connection, shas: Iterable[str]) -> dict[str, bytes]:
