@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from dagster._core.events import ASSET_EVENTS
 from dagster._core.events.log import EventLogEntry
+from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
 from dagster._core.storage.event_log.sqlite.sqlite_event_log import SqliteEventLogStorage
 from dagster._serdes import ConfigurableClassData
 
@@ -20,7 +21,8 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
     one, each with two connections and two commits (15 s of the worker's time for 3,000
     folders, and as much in the summary step); here each batch is one multi-row insert into
     the run's shard and one transaction in the index shard, with exactly the rows
-    ``store_event`` writes. ``base_dir`` is DAGSTER_HOME; run shards live in ``history/runs``.
+    ``store_event`` writes, each event serialized once. ``base_dir`` is DAGSTER_HOME; run
+    shards live in ``history/runs``.
     """
 
     def __init__(self, base_dir: str, inst_data: ConfigurableClassData | None = None):
@@ -35,11 +37,15 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
         if len(asset) != len(events):  # anything but plain asset events: Dagster's own path
             super().store_event_batch(events)
             return
+        # Serialized once for both shards (``prepare_insert_event*`` serialize each event again:
+        # a third of the summary step's time for 3,000 folders); one compiled statement each.
+        rows = [self._event_to_row(e) for e in events]
+        insert = SqlEventLogStorageTable.insert()
         for run_id in dict.fromkeys(e.run_id for e in events):
             with self.run_connection(run_id) as conn:
-                conn.execute(self.prepare_insert_event_batch([e for e in events if e.run_id == run_id]))
+                conn.execute(insert, [row for row in rows if row["run_id"] == run_id])
         with self.index_transaction() as conn:
-            ids = [conn.execute(self.prepare_insert_event(e)).inserted_primary_key[0] for e in events]
+            ids = [conn.execute(insert, row).inserted_primary_key[0] for row in rows]
             self._store_asset_event_tags(conn, list(events), ids)
             for event, event_id in zip(events, ids, strict=True):
                 self._store_asset_event(conn, event, event_id)

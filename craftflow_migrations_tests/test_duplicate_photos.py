@@ -84,6 +84,11 @@ def test_report_pages_a_large_scope_and_every_thumbnail_loads(tmp_path):
     index = write_report(groups, tmp_path / "report", lambda shas: {s: thumbs[s] for s in shas},
                          {"tenant:9": "Big Tenant (tenant 9)"})
     html = index.read_text()
+    # The index in the browser: the tenant with its groups and bytes, and a row per shop.
+    shown = rendered_dom(index.as_uri())
+    tenant = re.search(r'<tr class="scope" data-scope="tenant:9">(.*?)</tr>', shown, re.S).group(1)
+    assert "Big Tenant (tenant 9)" in tenant and f'<td class="num">{PAGE_SIZE + 7}</td>' in tenant
+    assert shown.count('<tr class="shop"') == 2 and 'data-shop="Shop 0"' in shown and 'data-shop="Shop 1"' in shown
     page = re.search(r'href="(pages-\d+/[^"]+)/page-1\.html"', html).group(1)
     assert (index.parent / page / "page-2.html").exists() and not (index.parent / page / "page-3.html").exists()
     dom = rendered_dom((index.parent / page / "page-2.html").as_uri())
