@@ -7,8 +7,10 @@ problem (bad MIGRATION_MODE, DATABASE_URL missing or unreachable, NAS not config
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
+import os
 import sys
 import traceback
 import uuid
@@ -387,5 +389,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+def run() -> None:
+    """The console script: :func:`main`, then an exit that skips the interpreter's teardown.
+
+    Freeing Dagster's object graph module by module took 0.6-1 s of every invocation's wall
+    time (the one-shot worker's too). The atexit handlers still run (logging, Dagster,
+    SQLAlchemy pools, ``weakref.finalize``), and the streams are flushed.
+    """
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(int(code or 0))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -153,12 +153,9 @@ def test_demo_masks_a_supplied_database_url(postgres_server, database_url, tmp_p
 
 # The CLI as a module, reporting afterwards whether Dagster was ever imported.
 WITHOUT_DAGSTER = """
-import runpy, sys
-sys.argv = ["craftflow-migrate"]
-try:
-    runpy.run_module("craftflow_migrations.cli", run_name="__main__")
-except SystemExit as exit_:
-    code = exit_.code
+import sys
+from craftflow_migrations import cli
+code = cli.main([])
 print("dagster imported:", "dagster" in sys.modules)
 sys.exit(code)
 """
