@@ -99,7 +99,9 @@ def test_report_pages_a_large_scope_and_every_thumbnail_loads(tmp_path):
     # A second run replaces the pages whole and removes the old ones.
     again = write_report(groups[:3], tmp_path / "report", lambda shas: {s: thumbs[s] for s in shas})
     assert len(list(again.parent.glob("pages-*"))) == 1
-    Image.open(next((again.parent / "thumbs").iterdir())).verify()
+    stored = sorted((again.parent / "thumbs").glob("*/*.jpg"))
+    assert len(stored) == len(thumbs) and all(p.parent.name == p.name[:2] for p in stored)
+    Image.open(stored[0]).verify()
 
 
 def test_thumbnail_scores_are_the_same_in_a_process_pool(monkeypatch):
