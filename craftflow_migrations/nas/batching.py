@@ -3,10 +3,10 @@
 A file's cost is its bytes plus a fixed per-file overhead (opening, a round trip, a row:
 about what 64 KB of decoding costs), so 100,000 small files spread evenly over every core,
 while a batch of large files is still about 500 MB. The count of batches comes from the
-bytes (and the slots): per-file work never adds steps, each of which costs a process start. The number of batches is a multiple of the
-parallel slots (``workers``), so the last round of steps is never a lone straggler on an
-otherwise idle machine; small imports are still split across every slot, down to
-``min_batch_bytes`` of work per batch.
+bytes and the slots, never from per-file work (each step costs a process start). It is a
+multiple of the parallel slots (``workers``), so the last round of steps is never a lone
+straggler on an otherwise idle machine; small imports are still split across every slot,
+down to ``min_batch_bytes`` of work per batch.
 
 Batches are balanced rather than filled one after the other (600 MB becomes two of 300 MB),
 and every batch gets the same share of each file type: a megabyte of JPEG takes about twice
@@ -36,7 +36,7 @@ def batch_count(total_bytes: int, total_cost: int, files: int, target_bytes: int
                 min_batch_bytes: int) -> int:
     # The target bounds a batch's bytes (what a retry re-reads at worst); the per-file cost
     # only spreads work over the slots. Counted in cost, 100,000 small files made 14 steps
-    # in 7 rounds, each paying a step's start-up; in bytes they are one step per slot.
+    # in 7 rounds; in bytes they are one step per slot.
     # "About" the target: up to 10% over it rather than a whole extra round of small batches.
     by_size = math.ceil(total_bytes / max(target_bytes * 1.1, 1))
     by_workers = min(workers, max(1, total_cost // max(min_batch_bytes, 1)))

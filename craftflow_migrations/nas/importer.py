@@ -280,7 +280,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
                     data, error = None, exc
                 handle(f, data, error)
         flush()
-        flush()  # waits for the last one
+        if in_flight is not None:
+            in_flight.result()
     result.files = len(files)
     result.seconds = time.monotonic() - started
     return result
