@@ -17,6 +17,7 @@ import uuid
 
 from . import settings
 from .db import DatabaseConnectionError, check_connection, error_line, get_engine, redact
+from .forkserver import stop_forkserver
 from .nas.clients.base import NasError
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
@@ -68,8 +69,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if mode in ("all", "nas-only"):
         try:
             listing = worker.scan_nas()
-            outcomes = worker.unchanged_since_last_import(listing) or worker.run_nas_import(instance(),
-                                                                                           listing=listing)
+            outcomes = worker.unchanged_since_last_import(listing)
+            if outcomes is None:
+                worker.warm_step_processes()  # its imports overlap opening the instance
+                outcomes = worker.run_nas_import(instance(), listing=listing)
         except worker.NasNotConfigured as exc:
             if mode == "nas-only":
                 _out(f"❌ NAS credentials not configured: {exc}")
@@ -400,6 +403,7 @@ def run() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     atexit._run_exitfuncs()
+    stop_forkserver()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(int(code or 0))

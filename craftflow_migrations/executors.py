@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import dagster as dg
 
+from .forkserver import FORKSERVER_PRELOAD
 from .settings import get_settings
-
-# Imported once by the forkserver: the project, and the storage layer each step opens.
-FORKSERVER_PRELOAD = ["craftflow_migrations.preload"]
 
 
 def executor_kind() -> str:

@@ -9,13 +9,11 @@ Imports only: no connections are opened before the fork.
 from __future__ import annotations
 
 import importlib
-import multiprocessing
 import os
 
 import scipy.fftpack  # noqa: F401  (imagehash.phash imports it on its first call: 0.2 CPU-s per step)
 
 import craftflow_migrations.definitions  # noqa: F401  (the code every step runs)
-from craftflow_migrations.executors import FORKSERVER_PRELOAD
 from craftflow_migrations.settings import get_settings
 
 
@@ -41,18 +39,6 @@ def _import_storage() -> None:
             importlib.import_module(name)
         except ImportError:
             pass  # the instance fails with its own message when it is opened
-
-
-def start_forkserver() -> None:
-    """Start the forkserver now, so its imports overlap the NAS scan instead of the first step.
-
-    The executor asks for the same preload list; a running server is simply reused.
-    """
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(FORKSERVER_PRELOAD)
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
 
 
 _import_storage()

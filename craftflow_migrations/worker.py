@@ -177,16 +177,19 @@ def follow_configured_concurrency(instance: dg.DagsterInstance) -> None:
 def warm_step_processes(run_config: dict | None = None) -> None:
     """Start the multiprocess executor's forkserver now, if the import's run will use it.
 
-    Its imports take about a second; started early they overlap the NAS scan (or, in
-    ``MIGRATION_MODE=all``, the whole startup job) instead of delaying the first step.
-    Idempotent: the executor reuses a running server.
+    Its imports take about a second; started as soon as a run is certain they overlap the
+    worker's own start (or, in ``MIGRATION_MODE=all``, the whole startup job) instead of
+    delaying the first step. Idempotent: the executor reuses a running server. The default
+    run config is decided without importing the job (Dagster), so this can run first.
     """
-    from .definitions import nas_import_run_config
+    from .forkserver import start_forkserver
 
-    config = (run_config or nas_import_run_config()).get("execution", {}).get("config", {})
+    if run_config is None:
+        if get_settings().executor != "celery":
+            start_forkserver()
+        return
+    config = run_config.get("execution", {}).get("config", {})
     if "forkserver" in config.get("start_method", {}):
-        from .preload import start_forkserver
-
         start_forkserver()
 
 

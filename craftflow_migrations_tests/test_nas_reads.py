@@ -1,0 +1,119 @@
+"""How a batch reads its files: inline where reads are cheap, on a thread where they wait.
+
+Real files in a real folder; the slow share is a local folder whose reads take as long as a
+mounted share's over a real network, which is what the switch is for.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from craftflow_migrations.nas import importer
+from craftflow_migrations.nas.clients import LocalNasClient
+from craftflow_migrations.nas.importer import fetch_in_order
+from craftflow_migrations.nas.listing import NasFile
+
+from .support import noise_image
+
+
+class SlowShare(LocalNasClient):
+    """A folder answering like a share across a network: 3 ms before each file's bytes."""
+
+    def read(self, rel: bytes) -> bytes:
+        time.sleep(0.003)
+        return super().read(rel)
+
+
+def small_files(root: Path, count: int, size: tuple[int, int] = (48, 32)) -> list[NasFile]:
+    folder = root / "Shop" / "All"
+    folder.mkdir(parents=True)
+    out = []
+    for i in range(count):
+        buf = io.BytesIO()
+        noise_image(*size, seed=i, mode="RGB").save(buf, "PNG")
+        (folder / f"d{i:04d}.png").write_bytes(buf.getvalue())
+        st = (folder / f"d{i:04d}.png").stat()
+        out.append(NasFile("Shop", "All", f"Shop/All/d{i:04d}.png", st.st_size, st.st_mtime_ns // 1000))
+    return out
+
+
+@pytest.fixture
+def threads_started(monkeypatch) -> list[int]:
+    """How many files each read-ahead thread was given."""
+    started: list[int] = []
+    original = importer.ReadAhead.__init__
+
+    def spy(self, client, files, budget):
+        started.append(len(files))
+        original(self, client, files, budget)
+
+    monkeypatch.setattr(importer.ReadAhead, "__init__", spy)
+    return started
+
+
+def consume(reads, work_s: float = 0.0) -> list[tuple[str, bytes | None, str | None]]:
+    out = []
+    for f, data, error in reads:
+        if work_s:
+            time.sleep(work_s)  # the caller's hashing
+        out.append((f.path, data, type(error).__name__ if error else None))
+    return out
+
+
+def test_cheap_local_reads_stay_on_the_hashing_thread(tmp_path, threads_started):
+    files = small_files(tmp_path, 300)
+    got = consume(fetch_in_order(LocalNasClient(tmp_path), files, 1 << 20), work_s=0.0005)
+    assert [p for p, _, _ in got] == [f.path for f in files]
+    assert all(data == (tmp_path / p).read_bytes() for p, data, _ in got)
+    assert threads_started == []
+
+
+def test_a_share_that_makes_reads_wait_moves_them_to_the_thread(tmp_path, threads_started):
+    files = small_files(tmp_path, 300)
+    got = consume(fetch_in_order(SlowShare(tmp_path), files, 1 << 20), work_s=0.0005)
+    assert [p for p, _, _ in got] == [f.path for f in files]
+    assert threads_started == [300 - 64]  # after one window of 64 files, the rest, in order
+
+
+def test_large_files_are_read_ahead_from_the_start(tmp_path, threads_started):
+    folder = tmp_path / "Shop" / "Big"
+    folder.mkdir(parents=True)
+    files = []
+    for i in range(3):
+        path = folder / f"big{i}.png"
+        noise_image(400, 300, seed=i, mode="RGB").save(path, compress_level=0)
+        files.append(NasFile("Shop", "Big", f"Shop/Big/big{i}.png", path.stat().st_size, 0))
+    assert min(f.size for f in files) > 256 * 1024
+    got = consume(fetch_in_order(LocalNasClient(tmp_path), files, 1 << 30))
+    assert [p for p, _, _ in got] == [f.path for f in files]
+    assert threads_started == [3]
+
+
+def test_sequential_mode_never_starts_a_thread(tmp_path, threads_started):
+    files = small_files(tmp_path, 200)
+    got = consume(fetch_in_order(SlowShare(tmp_path), files, 1 << 20, may_thread=False))
+    assert len(got) == 200 and threads_started == []
+
+
+def test_a_file_that_cannot_be_read_is_handed_over_inline_as_on_the_thread(tmp_path, threads_started):
+    files = small_files(tmp_path, 10)
+    (tmp_path / files[3].path).unlink()
+    for client in (LocalNasClient(tmp_path), SlowShare(tmp_path)):
+        got = consume(fetch_in_order(client, files, 1 << 20, window_files=5), work_s=0.0005)
+        assert [p for p, _, _ in got] == [f.path for f in files]
+        assert got[3][1:] == (None, "FileNotFoundError")
+        assert all(error is None for _, _, error in got[:3] + got[4:])
+    assert threads_started == [5]  # the slow share, after its first window
+
+
+def test_thumbnail_inputs_are_unchanged_by_the_way_files_are_read(tmp_path):
+    files = small_files(tmp_path, 80, size=(300, 200))
+    inline = consume(fetch_in_order(LocalNasClient(tmp_path), files, 1 << 20))
+    threaded = consume(fetch_in_order(SlowShare(tmp_path), files, 1 << 20, window_files=8))
+    assert inline == threaded
+    assert Image.open(io.BytesIO(inline[0][1])).size == (300, 200)
