@@ -233,8 +233,14 @@ class SftpNasClient(NasClient):
             size = fh.stat().st_size or 0
             if size == 0:
                 return b""
+            if size <= (self.read_request_size or READ_REQUEST_SIZE):
+                # One request, no prefetch: prefetch() starts a thread per file, which for a
+                # small file cost more than the read itself (1.0 -> 0.76 ms a file over
+                # loopback, a third less CPU). A server with a lower limit gets more requests.
+                fh.MAX_REQUEST_SIZE = self.read_request_size or READ_REQUEST_SIZE
+                return fh.read(size)
             head = b""
-            if self.read_request_size is None and size > READ_REQUEST_SIZE:
+            if self.read_request_size is None:
                 head = self._probe_read_limit(fh)
             # Instance overrides of two class constants: requests of the probed size, and
             # read() taking each prefetched chunk whole (its 8 KB default slices every chunk,
