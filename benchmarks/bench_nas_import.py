@@ -306,6 +306,60 @@ def ideal_of(root: Path) -> tuple[int, float]:
     return len(paths), time.process_time() - started
 
 
+def postgres_cpu_seconds() -> float:
+    """CPU-s used so far by every PostgreSQL process on this machine (backends, WAL writer, ...)."""
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm") as comm:
+                if not comm.read().startswith("postgres"):
+                    continue
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except OSError:
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def per_file_cost(server, root: Path, count: int) -> None:
+    """One batch of ``count`` small files through ``import_batch`` in this process: ms a file of
+    hashing alone, and of the import (this process, PostgreSQL), against the target of at most
+    0.05 ms a file beyond hashing."""
+    from datetime import datetime, timezone
+
+    from craftflow_migrations.db import get_engine
+    from craftflow_migrations.nas.clients.local import LocalNasClient
+    from craftflow_migrations.nas.importer import import_batch
+    from craftflow_migrations.nas.listing import NasFile
+    from craftflow_migrations.nas.memory import keep_freed_memory
+    from craftflow_migrations.settings import NasSettings
+
+    env = fresh_env(server, root)
+    folder = root / "Big Shop" / "All"
+    files = []
+    for name in sorted(os.listdir(folder))[:count]:
+        st = (folder / name).stat()
+        files.append(NasFile("Big Shop", "All", f"Big Shop/All/{name}", st.st_size, st.st_mtime_ns // 1000))
+    keep_freed_memory()
+    describe_image((root / files[0].path).read_bytes())
+    hashing = time.process_time()
+    for f in files:
+        describe_image((root / f.path).read_bytes(), thumbnail=False)
+    hashing = (time.process_time() - hashing) / count * 1000
+    engine = get_engine(env["DATABASE_URL"])
+    own, pg = time.process_time(), postgres_cpu_seconds()
+    import_batch(LocalNasClient(root), engine, files, datetime.now(timezone.utc), NasSettings())
+    own, pg = (time.process_time() - own) / count * 1000, (postgres_cpu_seconds() - pg) / count * 1000
+    engine.dispose()
+    beyond = own + pg - hashing
+    print(f"  per file, one batch of {count:,} small files in one process: hashing {hashing:.3f} ms; import "
+          f"{own:.3f} ms here + {pg:.3f} ms PostgreSQL -> {beyond:.3f} ms beyond hashing (target <= 0.05: "
+          f"{'met' if beyond <= 0.05 else 'NOT met'})")
+
+
 def run_phases(home: Path) -> dict[str, float]:
     """Seconds of each phase of the latest nas_import run, from its event log."""
     import dagster as dg
@@ -416,6 +470,7 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))
     _, _, _, out = nas_only(server, env, "touch one")
     print(f"  {'  one file touched':44} {[line for line in out.splitlines() if line.startswith('NAS import')][0]}")
+    per_file_cost(server, one, 20_000)
 
     n_flat, _ = ideal_of(flat)
     env = fresh_env(server, flat)

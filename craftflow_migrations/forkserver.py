@@ -7,7 +7,7 @@ of delaying the first step.
 
 At the end, a server left to notice its parent's exit tears down everything it imported
 (0.3 s, during which it holds the worker's stdout and stderr open: a caller reading them
-waits). It has no state once the run is over, so it is simply terminated.
+waits). It has no state once the run is over, so it is simply killed.
 
 This module imports nothing heavy: the worker calls it before Dagster is imported.
 """
@@ -31,13 +31,17 @@ def start_forkserver() -> None:
 
 
 def stop_forkserver() -> None:
-    """Terminate a server this process started (SIGTERM: no teardown); no-op without one."""
+    """Kill a server this process started (no teardown); no-op without one.
+
+    SIGKILL, not SIGTERM: the server inherits its parent's ignored signals, and a worker
+    started with SIGTERM ignored (some supervisors and test harnesses do) would wait forever.
+    """
     server = forkserver._forkserver
     pid = getattr(server, "_forkserver_pid", None)
     if pid is None:
         return
     try:
-        os.kill(pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     except (ProcessLookupError, ChildProcessError):
         pass

@@ -281,3 +281,35 @@ def test_import_connection_terminated_mid_batch_is_retried_and_completes(migrate
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out
     assert _rows(engine, "Cut DB") == (40, 40, 0)
+
+
+def _ignore_sigterm() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_worker_started_with_sigterm_ignored_exits_and_leaves_no_step_server(migrated_url, dagster_home, tmp_path):
+    """Some supervisors start workers with SIGTERM ignored; the step forkserver inherits that."""
+    import uuid
+
+    import psutil
+
+    from .support import write_corpus
+
+    base = tmp_path / "G"
+    write_corpus(base, {("Deaf Shop", "T"): 3}, size=(64, 48))
+    mark = uuid.uuid4().hex
+    env = cli_env(NAS_BASE_PATH=str(base), CFM_TEST_MARK=mark)
+    result = subprocess.run(_import_cmd("Deaf Shop/T"), env=env, capture_output=True, text=True, timeout=120,
+                            preexec_fn=_ignore_sigterm)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert _rows(get_engine(migrated_url), "Deaf Shop")[0] == 3
+
+    def marked(p: psutil.Process) -> bool:
+        try:
+            return p.environ().get("CFM_TEST_MARK") == mark
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            return False
+
+    assert [p.cmdline() for p in psutil.process_iter() if marked(p)] == []
