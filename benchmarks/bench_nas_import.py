@@ -80,8 +80,6 @@ def ensure_corpus(min_mb: int) -> list[Path]:
 
 
 def bench_fetch(sshd, path: Path) -> None:
-    from craftflow_migrations.nas.clients.sftp import SftpNasClient
-
     remote = str(path)
     size = path.stat().st_size / MB
 
@@ -93,8 +91,7 @@ def bench_fetch(sshd, path: Path) -> None:
             input=f'get "{remote}" /dev/null\n', text=True, check=True, capture_output=True)
         return time.perf_counter() - started
 
-    client = SftpNasClient("127.0.0.1", sshd.port, sshd.user, str(path.parent), key_file=str(sshd.user_key),
-                           known_hosts=str(sshd.known_hosts))
+    client = sshd_client(sshd, path.parent)
 
     def ours() -> float:
         started = time.perf_counter()
@@ -126,13 +123,23 @@ def machine_busy_seconds() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle, iowait
 
 
-def sftp_cpu_seconds(files: list[Path]) -> tuple[float, float]:
-    """CPU-s to fetch every file over one connection: machine-wide (paramiko, sshd, kernel),
-    and this process's share (paramiko and its side of the kernel)."""
-    from craftflow_migrations.nas.clients import open_client
-    from craftflow_migrations.settings import get_settings
+def sshd_client(sshd, base: Path):
+    """This project's SFTP client on the benchmark's sshd, rooted at ``base``."""
+    from craftflow_migrations.nas.clients.sftp import SftpNasClient
 
-    client = open_client(get_settings().nas)
+    return SftpNasClient("127.0.0.1", sshd.port, sshd.user, str(base), key_file=str(sshd.user_key),
+                         known_hosts=str(sshd.known_hosts))
+
+
+def sftp_cpu_seconds(files: list[Path], client=None) -> tuple[float, float]:
+    """CPU-s to fetch every file over one connection: machine-wide (paramiko, sshd, kernel),
+    and this process's share (paramiko and its side of the kernel). The client is the
+    configured NAS's unless one is given."""
+    if client is None:
+        from craftflow_migrations.nas.clients import open_client
+        from craftflow_migrations.settings import get_settings
+
+        client = open_client(get_settings().nas)
     try:
         before, own = machine_busy_seconds(), time.process_time()
         for path in files:
@@ -157,21 +164,6 @@ def thumbnail_cpu_seconds(files: list[Path]) -> float:
             make_thumbnail(image, data)
             total += time.process_time() - started
     return total
-
-
-def sftp_shape_cpu_seconds(sshd, files: list[Path]) -> float:
-    """Machine-wide CPU-s (paramiko, sshd, kernel) to fetch ``files`` over one connection."""
-    from craftflow_migrations.nas.clients.sftp import SftpNasClient
-
-    client = SftpNasClient("127.0.0.1", sshd.port, sshd.user, str(CORPUS), key_file=str(sshd.user_key),
-                           known_hosts=str(sshd.known_hosts))
-    try:
-        before = machine_busy_seconds()
-        for path in files:
-            client.read(str(path.relative_to(CORPUS)).encode())
-        return machine_busy_seconds() - before
-    finally:
-        client.close()
 
 
 def ideal_cpu_seconds(files: list[Path]) -> float:
@@ -459,7 +451,7 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     env = fresh_env(server, CORPUS, sshd.env(CORPUS))
     wall, busy, phases, _ = nas_only(server, env, "large")
     print_run(f"large designs over sshd ({n} files)", wall, busy, phases, cpu / cores, 1.5, cores)
-    thumbs, fetch = thumbnail_cpu_seconds(large_files), sftp_shape_cpu_seconds(sshd, large_files)
+    thumbs, fetch = thumbnail_cpu_seconds(large_files), sftp_cpu_seconds(large_files, sshd_client(sshd, CORPUS))[0]
     floor = (cpu + thumbs + fetch) / cores
     print(f"      floor on these cores, no orchestration: (pHash {cpu:.1f} + thumbnails {thumbs:.1f} + SFTP "
           f"{fetch:.1f} CPU-s) / {cores} = {floor:.1f} s -> {floor / (cpu / cores):.2f}x the ideal; "
