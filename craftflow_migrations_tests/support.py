@@ -150,16 +150,30 @@ MaxSessions 50
 
         Set once per test process: every server started here shares it, and a second server
         (the fault tests start their own) must not change the password the first one hands out.
+        Processes share it too, through a root-only file under a lock: two test runs (or a test
+        run and a benchmark) on one machine setting passwords of their own broke each other's
+        logins.
         """
         if cls._account is not None:
             return cls._account
         if os.geteuid() != 0 or not shutil.which("useradd"):
             cls._account = (None, None)
             return cls._account
-        name, password = "cfm_sftp_test", uuid.uuid4().hex
-        if subprocess.run(["id", name], capture_output=True).returncode != 0:
-            subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
-        subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
+        import fcntl
+
+        name = "cfm_sftp_test"
+        shared = Path(tempfile.gettempdir()) / f"{name}.password"
+        fd = os.open(shared, os.O_RDWR | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "r+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            password = fh.read().strip()
+            if not password:
+                password = uuid.uuid4().hex
+                fh.write(password)
+                fh.flush()
+            if subprocess.run(["id", name], capture_output=True).returncode != 0:
+                subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+            subprocess.run(["chpasswd"], input=f"{name}:{password}\n", text=True, check=True)
         cls._account = (name, password)
         return cls._account
 
