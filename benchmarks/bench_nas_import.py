@@ -16,6 +16,11 @@ JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then print
           and how busy the cores were during the warm import
 
     .venv/bin/python -m benchmarks.bench_nas_import [--min-mb 600]
+
+``--shapes-only`` instead times the whole ``craftflow-migrate`` (``MIGRATION_MODE=nas-only``) on
+every shape of NAS against its ideal: the large corpus over sshd (with its floor on these cores
+without orchestration), 100,000 small files in one folder (with one batch's per-file cost in one
+process), 3,000 folders against the same files in one folder, and the re-runs.
 """
 
 from __future__ import annotations
@@ -151,8 +156,6 @@ def sftp_cpu_seconds(files: list[Path], client=None) -> tuple[float, float]:
 
 def thumbnail_cpu_seconds(files: list[Path]) -> float:
     """CPU-s the import's thumbnails add to the pHash (made from the same decoded image)."""
-    from PIL import Image
-
     from craftflow_migrations.nas.hashing import make_thumbnail
 
     total = 0.0
