@@ -288,26 +288,30 @@ def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path]:
     return one, many, flat
 
 
-def ideal_of(root: Path, passes: int = 3, sample_every: int = 5) -> tuple[int, float]:
-    """Files and single-core CPU-s to read, sha256 and pHash them all (the import's own code).
-
-    The fastest of ``passes`` over every ``sample_every``-th file, scaled to all of them: one
-    pass's CPU time moved by up to half on this VM when anything else ran (a checkpoint, the
-    other vCPU busy), which made the ideal, and every ratio against it, drift between runs.
-    """
+def hashing_cpu_seconds(paths: list[Path], passes: int = 3) -> float:
+    """Single-core CPU-s to read, sha256 and pHash ``paths`` (the import's own code), the
+    fastest of ``passes``: one pass's CPU time moved by up to half on this VM when anything
+    else ran (a checkpoint, the other vCPU busy, a cold page cache), which made the ideal, and
+    every ratio against it, drift between runs."""
     from craftflow_migrations.nas.memory import keep_freed_memory
 
     keep_freed_memory()
-    paths = sorted(p for p in root.rglob("*") if p.is_file())
-    sample = paths[::sample_every] if len(paths) >= 100 * sample_every else paths
     describe_image(paths[0].read_bytes())  # one-time imports are not hashing
     best = float("inf")
     for _ in range(passes):
         started = time.process_time()
-        for path in sample:
+        for path in paths:
             describe_image(path.read_bytes(), thumbnail=False)  # the ideal is read + sha256 + pHash
         best = min(best, time.process_time() - started)
-    return len(paths), best * len(paths) / len(sample)
+    return best
+
+
+def ideal_of(root: Path, sample_every: int = 5) -> tuple[int, float]:
+    """Files under ``root`` and the single-core CPU-s to hash them all, from every
+    ``sample_every``-th file (:func:`hashing_cpu_seconds`), scaled to all of them."""
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    sample = paths[::sample_every] if len(paths) >= 100 * sample_every else paths
+    return len(paths), hashing_cpu_seconds(sample) * len(paths) / len(sample)
 
 
 def postgres_cpu_seconds() -> float:
@@ -337,22 +341,15 @@ def per_file_cost(server, root: Path, count: int) -> None:
     from craftflow_migrations.db import get_engine
     from craftflow_migrations.nas.clients.local import LocalNasClient
     from craftflow_migrations.nas.importer import import_batch
-    from craftflow_migrations.nas.listing import NasFile
+    from craftflow_migrations.nas.listing import list_nas
     from craftflow_migrations.nas.memory import keep_freed_memory
     from craftflow_migrations.settings import NasSettings
 
     env = fresh_env(server, root)
-    folder = root / "Big Shop" / "All"
-    files = []
-    for name in sorted(os.listdir(folder))[:count]:
-        st = (folder / name).stat()
-        files.append(NasFile("Big Shop", "All", f"Big Shop/All/{name}", st.st_size, st.st_mtime_ns // 1000))
+    listings, _ = list_nas(LocalNasClient(root))
+    files = sorted((f for li in listings.values() for f in li.files), key=lambda f: f.path)[:count]
+    hashing = hashing_cpu_seconds([root / f.path for f in files]) / count * 1000
     keep_freed_memory()
-    describe_image((root / files[0].path).read_bytes())
-    hashing = time.process_time()
-    for f in files:
-        describe_image((root / f.path).read_bytes(), thumbnail=False)
-    hashing = (time.process_time() - hashing) / count * 1000
     engine = get_engine(env["DATABASE_URL"])
     own, pg = time.process_time(), postgres_cpu_seconds()
     import_batch(LocalNasClient(root), engine, files, datetime.now(timezone.utc), NasSettings())

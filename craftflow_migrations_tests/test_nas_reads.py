@@ -16,7 +16,7 @@ from PIL import Image
 from craftflow_migrations.nas import importer
 from craftflow_migrations.nas.clients import LocalNasClient
 from craftflow_migrations.nas.importer import fetch_in_order
-from craftflow_migrations.nas.listing import NasFile
+from craftflow_migrations.nas.listing import NasFile, list_nas
 
 from .support import noise_image
 
@@ -29,17 +29,18 @@ class SlowShare(LocalNasClient):
         return super().read(rel)
 
 
+def listed(root: Path) -> list[NasFile]:
+    """The files as the import gets them: from the project's own listing, in path order."""
+    listings, _ = list_nas(LocalNasClient(root))
+    return sorted((f for li in listings.values() for f in li.files), key=lambda f: f.path)
+
+
 def small_files(root: Path, count: int, size: tuple[int, int] = (48, 32)) -> list[NasFile]:
     folder = root / "Shop" / "All"
     folder.mkdir(parents=True)
-    out = []
     for i in range(count):
-        buf = io.BytesIO()
-        noise_image(*size, seed=i, mode="RGB").save(buf, "PNG")
-        (folder / f"d{i:04d}.png").write_bytes(buf.getvalue())
-        st = (folder / f"d{i:04d}.png").stat()
-        out.append(NasFile("Shop", "All", f"Shop/All/d{i:04d}.png", st.st_size, st.st_mtime_ns // 1000))
-    return out
+        noise_image(*size, seed=i, mode="RGB").save(folder / f"d{i:04d}.png")
+    return listed(root)
 
 
 @pytest.fixture
@@ -83,11 +84,9 @@ def test_a_share_that_makes_reads_wait_moves_them_to_the_thread(tmp_path, thread
 def test_large_files_are_read_ahead_from_the_start(tmp_path, threads_started):
     folder = tmp_path / "Shop" / "Big"
     folder.mkdir(parents=True)
-    files = []
     for i in range(3):
-        path = folder / f"big{i}.png"
-        noise_image(400, 300, seed=i, mode="RGB").save(path, compress_level=0)
-        files.append(NasFile("Shop", "Big", f"Shop/Big/big{i}.png", path.stat().st_size, 0))
+        noise_image(400, 300, seed=i, mode="RGB").save(folder / f"big{i}.png", compress_level=0)
+    files = listed(tmp_path)
     assert min(f.size for f in files) > 256 * 1024
     got = consume(fetch_in_order(LocalNasClient(tmp_path), files, 1 << 30))
     assert [p for p, _, _ in got] == [f.path for f in files]
