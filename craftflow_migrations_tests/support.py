@@ -272,6 +272,7 @@ def import_local_folder(url: str, base: Path, keys: list[str] | None = None, cli
         listings, _ = list_nas(client, keys)
         scans = scan_for_import(listings, engine, listed_at, settings.max_file_mb * 2**20)
         files = [f for s in scans for f in s.to_import]
+        kwargs.setdefault("had_rows", {p for s in scans for p in s.had_rows})  # a first attempt, as the asset's
         result = import_batch(client, engine, files, listed_at, settings, **kwargs)
     with engine.begin() as conn:  # what the summary step does after the batches
         store.mark_shops_changed(conn, {s.shop for s in scans})

@@ -1,6 +1,7 @@
 """The design_images asset for real: sshd, PostgreSQL and multiprocess Dagster runs."""
 
 import copy
+import hashlib
 import os
 import shutil
 import signal
@@ -354,3 +355,52 @@ def test_partitions_to_import_are_cut_into_contiguous_ranges():
     assert partition_tags(["A/1"]) == {"dagster/partition": "A/1"}
     assert partition_tags(["A/1", "A/2"]) == {"dagster/asset_partition_range_start": "A/1",
                                               "dagster/asset_partition_range_end": "A/2"}
+
+
+def test_a_first_attempt_trusts_the_plan_and_a_retry_skips_what_was_committed(migrated_url, tmp_path, monkeypatch):
+    """The plan step knows which files had rows (changed ones): a batch's first attempt asks
+    the database nothing and copies the new files' rows straight in; a retry asks, and
+    skips what the first attempt committed."""
+    from craftflow_migrations.nas import store
+    from craftflow_migrations.nas.changes import scan_for_import
+    from craftflow_migrations.nas.clients import LocalNasClient
+    from craftflow_migrations.nas.importer import import_batch
+    from craftflow_migrations.nas.listing import list_nas
+
+    from .support import import_local_folder, noise_image
+
+    base = tmp_path / "nas"
+    paths = write_corpus(base, {("Plan Shop", "T"): 6}, size=(64, 48))
+    import_local_folder(migrated_url, base)
+    changed = [paths[0], paths[2]]  # PNGs: rewritten with other pixels under the same names
+    for i, p in enumerate(changed):
+        noise_image(64, 48, seed=1000 + i).save(p, compress_level=1)
+        os.utime(p, ns=(time.time_ns(), time.time_ns() + 10**9))
+    for i in range(2):
+        noise_image(64, 48, seed=2000 + i).save(base / "Plan Shop" / "T" / f"new {i}.png")
+    engine = get_engine(migrated_url)
+    with engine.connect() as conn:
+        listed_at = store.db_now(conn)
+    client = LocalNasClient(base)
+    listings, _ = list_nas(client)
+    (scan,) = scan_for_import(listings, engine, listed_at, 2**30)
+    assert len(scan.to_import) == 4
+    assert scan.had_rows == {str(p.relative_to(base)) for p in changed}
+
+    def no_query(*_args):
+        raise AssertionError("a first attempt should not ask the database for the batch's rows")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "known_files", no_query)
+        first = import_batch(client, engine, scan.to_import, listed_at, had_rows=scan.had_rows)
+    assert (first.total.imported, first.total.skipped) == (len(scan.to_import), 0)
+    retry = import_batch(client, engine, scan.to_import, listed_at)
+    assert (retry.total.imported, retry.total.skipped) == (0, len(scan.to_import))
+    with engine.connect() as conn:
+        stored = {r.path: r for r in conn.execute(text(
+            "SELECT path, sha256, status::text AS status, listed_at FROM design_images WHERE status = 'ok'"))}
+    for f in scan.to_import:
+        row = stored[f.path]
+        assert row.listed_at == listed_at
+        assert row.sha256 == hashlib.sha256((base / f.path).read_bytes()).hexdigest()
+    assert len(stored) == 8

@@ -7,6 +7,7 @@ mounted share's over a real network, which is what the switch is for.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from pathlib import Path
 
@@ -116,3 +117,51 @@ def test_thumbnail_inputs_are_unchanged_by_the_way_files_are_read(tmp_path):
     threaded = consume(fetch_in_order(SlowShare(tmp_path), files, 1 << 20, window_files=8))
     assert inline == threaded
     assert Image.open(io.BytesIO(inline[0][1])).size == (300, 200)
+
+
+def test_reads_timed_while_the_writer_is_busy_do_not_count(tmp_path, threads_started):
+    """A flush being encoded makes every read wait for the GIL: those reads say nothing about
+    the NAS. Here the writer is busy for the first 150 files of a slow share; the thread
+    starts only after a whole window of 64 files read while it was idle."""
+    files = small_files(tmp_path, 300)
+    seen = 0
+
+    def writer_idle() -> bool:
+        return seen >= 150
+
+    got = []
+    for f, _data, _error in fetch_in_order(SlowShare(tmp_path), files, 1 << 20, fair=writer_idle):
+        time.sleep(0.0005)
+        seen += 1
+        got.append(f.path)
+    assert got == [f.path for f in files]
+    # Files 150-213 are the first window timed: the thread takes the rest from file 214.
+    assert threads_started == [300 - 150 - 64]
+
+
+def test_a_page_cache_folder_stays_inline_while_a_writer_holds_the_gil(tmp_path, threads_started):
+    """The real case: a thread running Python (as the writer encoding a flush does) while
+    cheap local reads go on; told so by ``fair``, the reads stay on the hashing thread."""
+    files = small_files(tmp_path, 300)
+    busy = threading.Event()
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            busy.set()
+            deadline = time.perf_counter() + 0.05
+            while time.perf_counter() < deadline:
+                pass  # holds the GIL, as encoding a COPY stream does
+            busy.clear()
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    try:
+        got = consume(fetch_in_order(LocalNasClient(tmp_path), files, 1 << 20, fair=lambda: not busy.is_set()),
+                      work_s=0.0005)
+    finally:
+        stop.set()
+        thread.join()
+    assert [p for p, _, _ in got] == [f.path for f in files]
+    assert threads_started == []

@@ -125,3 +125,67 @@ def test_thumbnails_by_copy_keep_the_first_and_survive_a_concurrent_writer(migra
     with engine.connect() as conn:
         stored = {r.sha256: bytes(r.jpeg) for r in conn.execute(text("SELECT sha256, jpeg FROM design_thumbnails"))}
     assert stored == {"1" * 64: b"first\x00", "2" * 64: b"\x00\xff" * 40_000, "3" * 64: b"theirs", "4" * 64: b"four"}
+
+
+def _stored_rows(conn) -> dict:
+    return {r.path: tuple(r) for r in conn.execute(text(
+        "SELECT shop, template, path, path_bytes, size_bytes, mtime, sha256, phash, hash_algorithm, hash_size, "
+        "width, height, format, status::text AS status, error, listed_at, removed_at FROM design_images"))}
+
+
+def test_fresh_rows_copied_straight_in_equal_those_upserted(migrated_url):
+    """A first import's rows skip the temporary table: the same values, exactly."""
+    hostile = "Shop \\x9e\t\"tab\"\nnew line, 'quote' \\N é 日本"
+    late = store.to_timestamp(1_700_000_000_123_457)
+    rows = [store.row_for(NasFile(hostile, "T", f"{hostile}/T/{i}.png", i, -i, b"\x9e\x00" if i else None),
+                          ImageFacts(f"{i:064x}", "f" * 64, i + 1, 2, "PNG") if i % 3 else
+                          ImageFacts(None, None, None, None, None, "unreadable image: \\ tab\there"), late)
+            for i in range(6)]
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        assert store.upsert(conn, rows) == 6
+        upserted = _stored_rows(conn)
+        conn.execute(text("DELETE FROM design_images"))
+        assert store.upsert(conn, rows[:2], fresh=rows[2:]) == 6
+        assert _stored_rows(conn) == upserted
+        conn.execute(text("DELETE FROM design_images"))
+        assert store.upsert(conn, [], fresh=rows) == 6
+        assert _stored_rows(conn) == upserted
+
+
+def test_fresh_rows_another_import_inserted_meanwhile_keep_the_newer_listing(migrated_url):
+    """Two deploys importing one new folder: the other commits rows for two of our files
+    while our COPY waits on their keys. The COPY rolls back to its savepoint and our rows
+    take the guarded upsert: the newer listing wins each row, and nothing is lost."""
+    import threading
+
+    early, late = store.to_timestamp(1_000), store.to_timestamp(2_000)
+    files = [NasFile("Shop", "T", f"Shop/T/{i}.png", 10 + i, 5) for i in range(4)]
+    ours = [store.row_for(f, ImageFacts(f"{i:064x}", "a" * 64, 1, 1, "PNG"), early) for i, f in enumerate(files)]
+    engine = get_engine(migrated_url)
+    with engine.connect() as other:
+        theirs = [store.row_for(files[0], ImageFacts("b" * 64, "b" * 64, 1, 1, "PNG"), late),  # newer: kept
+                  store.row_for(files[1], ImageFacts("c" * 64, "c" * 64, 1, 1, "PNG"), store.to_timestamp(500))]
+        store.upsert(other, theirs)
+        errors: list[BaseException] = []
+        counts: list[int] = []
+
+        def import_ours() -> None:
+            try:
+                with engine.begin() as conn:
+                    counts.append(store.upsert(conn, [], fresh=ours))
+            except BaseException as exc:  # noqa: BLE001 - asserted below
+                errors.append(exc)
+
+        writer = threading.Thread(target=import_ours)
+        writer.start()
+        writer.join(1.0)
+        assert writer.is_alive(), "the COPY should wait for the other transaction's keys"
+        other.commit()
+        writer.join(30)
+    assert not errors and counts == [3]
+    with engine.connect() as conn:
+        got = {r.path: (r.sha256, r.listed_at) for r in conn.execute(
+            text("SELECT path, sha256, listed_at FROM design_images"))}
+    assert got == {"Shop/T/0.png": ("b" * 64, late), "Shop/T/1.png": (f"{1:064x}", early),
+                   "Shop/T/2.png": (f"{2:064x}", early), "Shop/T/3.png": (f"{3:064x}", early)}

@@ -37,6 +37,7 @@ class BatchPlan:
     sequential: bool
     listed_at: datetime
     files: list[NasFile]
+    had_rows: frozenset[str] = frozenset()  # paths of files that had a row when the run was planned
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
             raise dg.Failure(description=str(exc)) from None
     scans = scan_for_import(listings, postgres.engine, listed_at, nas.settings.max_file_mb * MB)
     to_import = [f for scan in scans for f in scan.to_import]
+    had_rows = {path for scan in scans for path in scan.had_rows}
     if nas.batched:
         # Batches are cut across all partitions of the run, so a run of many small folders
         # still makes a few large steps that keep every core busy.
@@ -123,12 +125,13 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
         f"{len(problems)} entries recorded as problems"
     )
     yield dg.Output(
-        RunPlan(time.time(), len(batches), {s.key: replace(s, to_import=[]) for s in scans}),
+        RunPlan(time.time(), len(batches), {s.key: replace(s, to_import=[], had_rows=set()) for s in scans}),
         output_name="scan",
     )
     for i, batch in enumerate(batches):
-        yield dg.DynamicOutput(BatchPlan(i + 1, len(batches), not nas.batched, listed_at, batch),
-                               mapping_key=f"batch_{i + 1:04d}", output_name="batches")
+        plan = BatchPlan(i + 1, len(batches), not nas.batched, listed_at, batch,
+                         frozenset(f.path for f in batch if f.path in had_rows) if had_rows else frozenset())
+        yield dg.DynamicOutput(plan, mapping_key=f"batch_{i + 1:04d}", output_name="batches")
 
 
 def _batch_label(context: dg.OpExecutionContext, batch: BatchPlan) -> str:
@@ -150,10 +153,14 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> dict[s
     label = _batch_label(context, batch)
     if context.retry_number:
         context.log.warning(f"{label}: attempt {context.retry_number + 1} of 3")
+    # An earlier attempt (a retry, or the run this one re-executes) may have committed part of
+    # the batch: then the database is asked, and what it committed is skipped.
+    first_attempt = not context.retry_number and context.run.parent_run_id is None
     try:
         with nas.open() as client:
             result = import_batch(client, postgres.engine, batch.files, batch.listed_at, nas.settings, label,
-                                  context.log, pipelined=not batch.sequential)
+                                  context.log, pipelined=not batch.sequential,
+                                  had_rows=batch.had_rows if first_attempt else None)
     except NasError as exc:
         # Retried by the RetryPolicy; the message is the one line an operator needs.
         raise dg.Failure(description=str(exc), allow_retries=True) from None

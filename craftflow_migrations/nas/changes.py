@@ -31,6 +31,7 @@ class PartitionScan:
     to_import: list[NasFile]
     fingerprint: str
     problems: list[str] = field(default_factory=list)
+    had_rows: set[str] = field(default_factory=set)  # paths of to_import that have a row (changed files)
 
     @property
     def bytes_to_import(self) -> int:
@@ -52,7 +53,7 @@ def scan_for_import(listings: Mapping[str, PartitionListing], engine: Engine, li
         known = store.known_rows(conn, parts.values())
         for key, listing in listings.items():
             rows = known[parts[key]]
-            unchanged, to_import, skipped = 0, [], 0
+            unchanged, to_import, skipped, had_rows = 0, [], 0, set()
             for f in listing.files:
                 row = rows.get(f.path)
                 if row is not None and row.is_current(f, max_file_bytes):
@@ -65,12 +66,14 @@ def scan_for_import(listings: Mapping[str, PartitionListing], engine: Engine, li
                                                    listed_at, status="skipped"))
                 else:
                     to_import.append(f)
+                    if row is not None:
+                        had_rows.add(f.path)
             listed = {f.path for f in listing.files}
             gone = [p for p, row in rows.items()
                     if p not in listed and row.status != "removed" and not _under(p, listing.unlisted)]
             removed_rows += [(*parts[key], p) for p in gone]
             scans.append(PartitionScan(key, *parts[key], len(listing.files), unchanged, len(gone), skipped, to_import,
-                                       listing.fingerprint, [p.line() for p in listing.problems]))
+                                       listing.fingerprint, [p.line() for p in listing.problems], had_rows))
         store.mark_removed(conn, removed_rows, listed_at)
         store.upsert(conn, too_large)
     return scans
