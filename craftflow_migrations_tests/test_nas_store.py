@@ -189,3 +189,18 @@ def test_fresh_rows_another_import_inserted_meanwhile_keep_the_newer_listing(mig
             text("SELECT path, sha256, listed_at FROM design_images"))}
     assert got == {"Shop/T/0.png": ("b" * 64, late), "Shop/T/1.png": (f"{1:064x}", early),
                    "Shop/T/2.png": (f"{2:064x}", early), "Shop/T/3.png": (f"{3:064x}", early)}
+
+
+def test_thumbnail_look_ups_use_the_primary_key(migrated_url):
+    """Keys sent as text[] made PostgreSQL cast the char(64) column and read the whole table
+    (or, with seq scans forbidden, the whole index) on every flush; in the column's type the
+    primary key is searched for exactly those keys."""
+    engine = get_engine(migrated_url)
+    shas = [f"{i:064x}" for i in range(3)]
+    with engine.begin() as conn:
+        store.save_thumbnails(conn, {sha: sha.encode() for sha in shas})
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        for statement in (store.STORED_THUMBNAILS, store.THUMBNAILS):
+            plan = "\n".join(conn.execute(text(f"EXPLAIN {statement}"), {"s": shas[:2]}).scalars())
+            assert "Index Cond: (sha256 = ANY" in plan and "Filter" not in plan, plan
+        assert store.thumbnails(conn, [shas[1], shas[1], "f" * 64]) == {shas[1]: shas[1].encode()}
