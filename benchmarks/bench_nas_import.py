@@ -306,20 +306,6 @@ def hashing_cpu_seconds(paths: list[Path], passes: int = 3) -> float:
     return best
 
 
-def hashing_together(paths: list[Path], cores: int, passes: int = 2) -> float:
-    """The CPU of hashing ``paths`` in ``cores`` processes at once, each on its own copy,
-    over the CPU of one process alone (each the fastest of ``passes``): 1.0 where the cores
-    are truly apart. This VM's two vCPUs share hardware on the host: each process hashed
-    7-25% slower while the other ran, so even hashing alone, perfectly packed, takes this
-    factor times the ideal (single-core CPU / cores)."""
-    from multiprocessing import get_context
-
-    alone = hashing_cpu_seconds(paths, passes)
-    with get_context("fork").Pool(cores) as pool:
-        together = pool.starmap(hashing_cpu_seconds, [(paths, passes)] * cores)
-    return statistics.mean(together) / alone
-
-
 def ideal_of(root: Path, sample_every: int = 5) -> tuple[int, float]:
     """Files under ``root`` and the single-core CPU-s to hash them all, from every
     ``sample_every``-th file (:func:`hashing_cpu_seconds`), scaled to all of them."""
@@ -470,9 +456,6 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     print(f"      floor on these cores, no orchestration: (pHash {cpu:.1f} + thumbnails {thumbs:.1f} + SFTP "
           f"{fetch:.1f} CPU-s) / {cores} = {floor:.1f} s -> {floor / (cpu / cores):.2f}x the ideal; "
           f"the rest, {wall - floor:.1f} s, is orchestration, start-up and exit")
-    together = hashing_together(large_files, cores, passes=1)
-    print(f"      hashing alone, in {cores} processes at once: {together:.2f}x the CPU of one process alone "
-          f"(cores sharing hardware), which the floor above does not count")
     rerun, rbusy, _, out = nas_only(server, env, "large re-run")
     print(f"  {'  re-run, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / wall:.1f}% of the import"
           f"  (target <= 10%: {'met' if rerun <= 0.10 * wall else 'NOT met'})")
@@ -481,9 +464,6 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     env = fresh_env(server, one)
     wall, busy, phases, _ = nas_only(server, env, "small")
     print_run(f"{n:,} small PNGs in one folder", wall, busy, phases, cpu / cores, 1.5, cores)
-    together = hashing_together(sorted((one / "Big Shop" / "All").iterdir())[:5_000], cores)
-    print(f"      hashing alone, in {cores} processes at once: {together:.2f}x the CPU of one process alone "
-          f"(cores sharing hardware): {together:.2f}x the ideal is the floor of hashing itself")
     rerun, _, _, _ = nas_only(server, env, "small re-run")
     print(f"  {'  re-run, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / wall:.1f}% of the import"
           f"  (target <= 15%: {'met' if rerun <= 0.15 * wall else 'NOT met'})")
