@@ -202,7 +202,8 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     writer thread encoded a flush says nothing about the NAS, and files read while ``fair()``
     is false are not timed at all: while the batch's writer encodes a flush, every read (a
     system call, which lets go of the GIL) waits up to 5 ms to get it back, and a window
-    inside one flush moved a page-cache folder to the thread, 0.07 ms a file dearer. Errors
+    inside one flush moved a page-cache folder to the thread (0.07 ms a file dearer, read back
+    to back). Errors
     are handed over as the thread hands them, for :func:`read_failure` to decide.
     ``may_thread=False`` (the sequential mode) always reads inline.
     """
@@ -255,8 +256,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     step knows them: the changed files). Given, as on a batch's first attempt, nothing is
     asked of the database first, and the other files' rows go straight in by COPY
     (:func:`store.upsert`). Without it (a retry, a re-execution) one query finds the rows
-    already there, and files an earlier attempt committed are skipped: asking it for 100,000
-    paths cost 0.016 ms a file.
+    already there, and files an earlier attempt committed are skipped (asking it for 20,000
+    paths held the GIL 0.016 ms a file: psycopg2 quoting three arrays of strings).
     """
     settings = settings or NasSettings()
     logger = logger or log
