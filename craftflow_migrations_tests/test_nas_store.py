@@ -94,34 +94,45 @@ def test_upsert_by_copy_keeps_every_value_exactly(migrated_url):
         assert conn.execute(text("SELECT sha256 FROM design_images WHERE size_bytes = 1")).scalar() == "b" * 64
 
 
+def _waits_then_commits(engine, other, write):
+    """Run ``write(conn)`` in its own transaction on a thread while ``other`` holds uncommitted
+    rows: it must wait on their keys; ``other`` then commits. Returns what ``write`` returned,
+    or raises what it raised."""
+    import threading
+
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            with engine.begin() as conn:
+                outcome.append(write(conn))
+        except BaseException as exc:  # noqa: BLE001 - raised again below
+            outcome.append(exc)
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    writer.join(1.0)
+    assert writer.is_alive(), "the COPY should wait for the other transaction's keys"
+    other.commit()
+    writer.join(30)
+    (result,) = outcome
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 def test_thumbnails_by_copy_keep_the_first_and_survive_a_concurrent_writer(migrated_url):
     """A sha256 already stored keeps its bytes; one stored by another transaction between the
     look-up and the COPY (two batch steps importing byte-identical files) costs no error."""
-    import threading
-
     engine = get_engine(migrated_url)
     with engine.begin() as conn:
         store.save_thumbnails(conn, {"1" * 64: b"first\x00"})
         store.save_thumbnails(conn, {"1" * 64: b"second", "2" * 64: b"\x00\xff" * 40_000})
     with engine.connect() as other:
         other.execute(text("INSERT INTO design_thumbnails (sha256, jpeg) VALUES (:s, 'theirs')"), {"s": "3" * 64})
-        errors: list[BaseException] = []
-
-        def ours() -> None:
-            try:
-                with engine.begin() as conn:
-                    # Does not see the uncommitted row, so COPYs it and waits on its unique key.
-                    store.save_thumbnails(conn, {"3" * 64: b"ours", "4" * 64: b"four"})
-            except BaseException as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-
-        writer = threading.Thread(target=ours)
-        writer.start()
-        writer.join(1.0)
-        assert writer.is_alive(), "the COPY should wait for the other transaction"
-        other.commit()
-        writer.join(30)
-    assert not errors
+        # Does not see the uncommitted row, so COPYs it and waits on its unique key.
+        _waits_then_commits(engine, other, lambda conn: store.save_thumbnails(
+            conn, {"3" * 64: b"ours", "4" * 64: b"four"}))
     with engine.connect() as conn:
         stored = {r.sha256: bytes(r.jpeg) for r in conn.execute(text("SELECT sha256, jpeg FROM design_thumbnails"))}
     assert stored == {"1" * 64: b"first\x00", "2" * 64: b"\x00\xff" * 40_000, "3" * 64: b"theirs", "4" * 64: b"four"}
@@ -157,8 +168,6 @@ def test_fresh_rows_another_import_inserted_meanwhile_keep_the_newer_listing(mig
     """Two deploys importing one new folder: the other commits rows for two of our files
     while our COPY waits on their keys. The COPY rolls back to its savepoint and our rows
     take the guarded upsert: the newer listing wins each row, and nothing is lost."""
-    import threading
-
     early, late = store.to_timestamp(1_000), store.to_timestamp(2_000)
     files = [NasFile("Shop", "T", f"Shop/T/{i}.png", 10 + i, 5) for i in range(4)]
     ours = [store.row_for(f, ImageFacts(f"{i:064x}", "a" * 64, 1, 1, "PNG"), early) for i, f in enumerate(files)]
@@ -167,23 +176,7 @@ def test_fresh_rows_another_import_inserted_meanwhile_keep_the_newer_listing(mig
         theirs = [store.row_for(files[0], ImageFacts("b" * 64, "b" * 64, 1, 1, "PNG"), late),  # newer: kept
                   store.row_for(files[1], ImageFacts("c" * 64, "c" * 64, 1, 1, "PNG"), store.to_timestamp(500))]
         store.upsert(other, theirs)
-        errors: list[BaseException] = []
-        counts: list[int] = []
-
-        def import_ours() -> None:
-            try:
-                with engine.begin() as conn:
-                    counts.append(store.upsert(conn, [], fresh=ours))
-            except BaseException as exc:  # noqa: BLE001 - asserted below
-                errors.append(exc)
-
-        writer = threading.Thread(target=import_ours)
-        writer.start()
-        writer.join(1.0)
-        assert writer.is_alive(), "the COPY should wait for the other transaction's keys"
-        other.commit()
-        writer.join(30)
-    assert not errors and counts == [3]
+        assert _waits_then_commits(engine, other, lambda conn: store.upsert(conn, [], fresh=ours)) == 3
     with engine.connect() as conn:
         got = {r.path: (r.sha256, r.listed_at) for r in conn.execute(
             text("SELECT path, sha256, listed_at FROM design_images"))}
