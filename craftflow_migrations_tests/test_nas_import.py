@@ -404,3 +404,22 @@ def test_a_first_attempt_trusts_the_plan_and_a_retry_skips_what_was_committed(mi
         assert row.listed_at == listed_at
         assert row.sha256 == hashlib.sha256((base / f.path).read_bytes()).hexdigest()
     assert len(stored) == 8
+
+
+def test_a_step_process_opens_the_instance_without_importing_anything(dagster_home):
+    """What the step forkserver preloads covers what opening the instance imports: the
+    defs-state storage's universal_pathlib and fsspec were imported again by every step process."""
+    code = (
+        "import os, sys\n"
+        "import craftflow_migrations.preload\n"
+        "before = set(sys.modules)\n"
+        "import dagster as dg\n"
+        "from dagster._core.instance.ref import InstanceRef\n"
+        "with dg.DagsterInstance.from_ref(InstanceRef.from_dir(os.environ['DAGSTER_HOME'])) as instance:\n"
+        "    instance.get_runs(limit=1)\n"
+        "print(sorted(m for m in set(sys.modules) - before if not m.startswith('importlib.')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
