@@ -414,14 +414,18 @@ def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, flo
 _SHAPE_DATABASES: list[str] = []
 
 
+def drop_shape_databases(server) -> None:
+    for url in _SHAPE_DATABASES:
+        server.drop_database(url)
+    _SHAPE_DATABASES.clear()
+
+
 def fresh_env(server, base: Path, extra: dict | None = None) -> dict:
     """A new database at the schema head and a new Dagster home; the previous shape's
     database is dropped (a GB each for 100,000 files, which autovacuum would otherwise visit)."""
     import sys
 
-    for url in _SHAPE_DATABASES:
-        server.drop_database(url)
-    _SHAPE_DATABASES.clear()
+    drop_shape_databases(server)
     url = server.create_database("cfm_shape")
     _SHAPE_DATABASES.append(url)
     home = Path(tempfile.mkdtemp(prefix="cfm-shape-home-"))
@@ -485,9 +489,7 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
           f"{'met' if many_wall <= 2 * flat_wall else 'NOT met'})")
     rerun, _, _, _ = nas_only(server, env, "many re-run")
     print(f"  {'  re-run of the folders, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / many_wall:.1f}%")
-    for url in _SHAPE_DATABASES:
-        server.drop_database(url)
-    _SHAPE_DATABASES.clear()
+    drop_shape_databases(server)
 
 
 def main() -> None:
