@@ -198,14 +198,13 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     through the thread as soon as a window of ``window_files`` shows them waiting (the
     median read over ``waiting_share`` of the median file's other work: SFTP's round trips,
     13% faster through the thread over loopback; a share mounted across a network; a cold
-    disk). Medians: a read that waited for the GIL while the
-    writer thread encoded a flush says nothing about the NAS, and files read while ``fair()``
-    is false are not timed at all: while the batch's writer encodes a flush, every read (a
-    system call, which lets go of the GIL) waits up to 5 ms to get it back, and a window
-    inside one flush moved a page-cache folder to the thread (0.07 ms a file dearer, read back
-    to back). Errors
-    are handed over as the thread hands them, for :func:`read_failure` to decide.
-    ``may_thread=False`` (the sequential mode) always reads inline.
+    disk). A read that waited for the GIL says nothing about the NAS: medians shrug off a few,
+    and files read while ``fair()`` is false are not timed at all. While the batch's writer
+    encodes a flush, every read (a system call, which lets go of the GIL) waits up to 5 ms to
+    get it back, and a window inside one flush moved a page-cache folder to the thread (0.07 ms
+    a file dearer, read back to back). Errors are handed over as the thread hands them, for
+    :func:`read_failure` to decide. ``may_thread=False`` (the sequential mode) always reads
+    inline.
     """
     if not may_thread:
         window_files = len(files) + 1
