@@ -197,3 +197,15 @@ def test_thumbnail_look_ups_use_the_primary_key(migrated_url):
             plan = "\n".join(conn.execute(text(f"EXPLAIN {statement}"), {"s": shas[:2]}).scalars())
             assert "Index Cond: (sha256 = ANY" in plan and "Filter" not in plan, plan
         assert store.thumbnails(conn, [shas[1], shas[1], "f" * 64]) == {shas[1]: shas[1].encode()}
+
+
+def test_thumbnails_are_stored_out_of_line_without_compression(migrated_url):
+    """Thumbnails are compressed images: PostgreSQL must not spend a pglz attempt on each one.
+    Even a value pglz would shrink to almost nothing is stored as its own bytes."""
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        store.save_thumbnails(conn, {"5" * 64: b"\x00" * 50_000})
+        storage = conn.execute(text("SELECT attstorage FROM pg_attribute WHERE attrelid = "
+                                    "'design_thumbnails'::regclass AND attname = 'jpeg'")).scalar()
+        stored = conn.execute(text("SELECT pg_column_size(jpeg) FROM design_thumbnails")).scalar()
+    assert (storage, stored) == ("e", 50_000)
