@@ -167,6 +167,96 @@ def test_reads_use_aes_gcm_and_the_servers_read_limit(tmp_path, sshd, monkeypatc
         client.close()
 
 
+def _descendants_open_fds(pid: int) -> int:
+    """Open file descriptors of every process under ``pid`` (sshd's sessions, internal-sftp)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    total, todo = 0, list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        todo.extend(children.get(child, []))
+        try:
+            total += len(os.listdir(f"/proc/{child}/fd"))
+        except OSError:
+            pass
+    return total
+
+
+def test_small_reads_trust_the_listing_only_as_far_as_the_file_agrees(tmp_path, sshd, monkeypatch):
+    """A small file of known size is read with an open, one read and a close not waited for,
+    and is still the whole file as it is now: grown, shrunk or emptied since the listing,
+    or capped by a server that serves less per request than asked."""
+    from craftflow_migrations.nas.clients import sftp as nas_client
+
+    folder = tmp_path / "G" / "S" / "T"
+    folder.mkdir(parents=True)
+    payload = os.urandom(400 * 1024)
+    files = {"exact.bin": payload[:1000], "grew.bin": payload[:5000], "shrank.bin": payload[:10],
+             "emptied.bin": b"", "empty.bin": b""}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    listed = {"exact.bin": 1000, "grew.bin": 1000, "shrank.bin": 1000, "emptied.bin": 1000, "empty.bin": 0}
+    client = open_sftp(sshd, tmp_path / "G")
+    try:
+        for name, size in listed.items():
+            assert client.read(f"S/T/{name}".encode(), size) == files[name], name
+        before = client.sftp.request_number
+        assert client.read(b"S/T/exact.bin", 1000) == files["exact.bin"]
+        assert client.sftp.request_number - before == 3  # open, read, close
+        with pytest.raises(IOError):
+            client.read(b"S/T/missing.bin", 10)
+
+        # Close replies are consumed with later requests, and the server really closes each
+        # handle: hundreds of reads leave neither replies waiting nor files open.
+        for i in range(300):
+            (folder / f"f{i}.bin").write_bytes(payload[i:i + 100])
+        fds = _descendants_open_fds(sshd.proc.pid)
+        for i in range(300):
+            assert client.read(f"S/T/f{i}.bin".encode(), 100) == payload[i:i + 100]
+        assert len(client.sftp._expecting) <= 1
+        assert _descendants_open_fds(sshd.proc.pid) <= fds + 2
+
+        # Asking more per request than OpenSSH serves (255 KB): the short answer is read on.
+        (folder / "capped.bin").write_bytes(payload)
+        monkeypatch.setattr(nas_client, "READ_REQUEST_SIZE", 1024 * 1024)
+        assert client.read(b"S/T/capped.bin", len(payload)) == payload
+    finally:
+        client.close()
+
+
+def test_small_reads_over_a_link_that_drops_never_return_short_bytes(tmp_path, sshd):
+    """Cut midway, every read either returned the file's exact bytes or raised: a dropped
+    connection is never taken for a file's end."""
+    from .proxy import DroppingProxy
+
+    folder = tmp_path / "G" / "S" / "T"
+    folder.mkdir(parents=True)
+    files = {f"f{i:03d}.bin": os.urandom(9000) for i in range(200)}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    proxy = DroppingProxy(sshd.port, drop_connection=1, drop_after_bytes=300 * 1024)
+    known = sshd.known_hosts.read_text().replace(f"[127.0.0.1]:{sshd.port}", f"[127.0.0.1]:{proxy.port}")
+    (tmp_path / "known_hosts").write_text(known)
+    client = open_sftp(sshd, tmp_path / "G", port=proxy.port, known_hosts=str(tmp_path / "known_hosts"))
+    got = {}
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - paramiko says "dropped" in several ways
+            for name in files:
+                got[name] = client.read(f"S/T/{name}".encode(), 9000)
+        assert not client.connected()
+    finally:
+        client.close()
+        proxy.close()
+    assert proxy.dropped == 1 and 0 < len(got) < len(files)
+    assert all(got[name] == files[name] for name in got)
+
+
 def test_buffered_socket_serves_small_reads_from_one_large_read():
     import socket
 

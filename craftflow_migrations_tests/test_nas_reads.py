@@ -25,9 +25,9 @@ from .support import noise_image
 class SlowShare(LocalNasClient):
     """A folder answering like a share across a network: 3 ms before each file's bytes."""
 
-    def read(self, rel: bytes) -> bytes:
+    def read(self, rel: bytes, size: int | None = None) -> bytes:
         time.sleep(0.003)
-        return super().read(rel)
+        return super().read(rel, size)
 
 
 def listed(root: Path) -> list[NasFile]:

@@ -140,7 +140,7 @@ class ReadAhead:
                     return
                 self.held += f.size
             try:
-                item = (f, self.client.read(f.rel), None)
+                item = (f, self.client.read(f.rel, f.size), None)
             except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread to decide
                 item = (f, None, exc)
             with self.cond:
@@ -222,7 +222,7 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
         timed = fair is None or fair()
         started = time.perf_counter()
         try:
-            item = (f, client.read(f.rel), None)
+            item = (f, client.read(f.rel, f.size), None)
         except Exception as exc:  # noqa: BLE001 - decided by read_failure, as for the thread's reads
             item = (f, None, exc)
         read = time.perf_counter()

@@ -38,8 +38,12 @@ class NasClient(ABC):
         """The entries of one folder (``b""`` is the base). Raises ``OSError`` for that folder."""
 
     @abstractmethod
-    def read(self, rel: bytes) -> bytes:
-        """A whole file. ``OSError`` for that file; :class:`NasError` when the NAS is gone."""
+    def read(self, rel: bytes, size: int | None = None) -> bytes:
+        """A whole file. ``OSError`` for that file; :class:`NasError` when the NAS is gone.
+
+        ``size`` is the listed size, when known: a hint that lets a backend read a small file
+        in fewer round trips. The bytes returned are always the whole file as it is now.
+        """
 
     @abstractmethod
     def resolve(self, rel: bytes) -> bytes | None:

@@ -36,7 +36,7 @@ class LocalNasClient(NasClient):
                 out.append(Entry(e.name, kind, st.st_size, st.st_mtime_ns // 1000))
         return out
 
-    def read(self, rel: bytes) -> bytes:
+    def read(self, rel: bytes, size: int | None = None) -> bytes:
         # O_NOFOLLOW: a file swapped for a link after the listing is not followed out of the base.
         fd = os.open(self._abs(rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         with os.fdopen(fd, "rb") as fh:
