@@ -206,6 +206,14 @@ def test_small_reads_trust_the_listing_only_as_far_as_the_file_agrees(tmp_path, 
     try:
         for name, size in listed.items():
             assert client.read(f"S/T/{name}".encode(), size) == files[name], name
+        # The same files with their requests in flight together, a missing one among them.
+        wanted = [*listed.items(), ("missing.bin", 10), *listed.items()]
+        got = list(client.read_each((f"S/T/{name}".encode(), size) for name, size in wanted))
+        for (name, _), (data, error) in zip(wanted, got, strict=True):
+            if name == "missing.bin":
+                assert data is None and isinstance(error, FileNotFoundError)
+            else:
+                assert (data, error) == (files[name], None), name
         before = client.sftp.request_number
         assert client.read(b"S/T/exact.bin", 1000) == files["exact.bin"]
         assert client.sftp.request_number - before == 3  # open, read, close
@@ -221,18 +229,27 @@ def test_small_reads_trust_the_listing_only_as_far_as_the_file_agrees(tmp_path, 
             assert client.read(f"S/T/f{i}.bin".encode(), 100) == payload[i:i + 100]
         assert len(client.sftp._expecting) <= 1
         assert _descendants_open_fds(sshd.proc.pid) <= fds + 2
+        # In groups, with a large file (pipelined on its own) between them.
+        (folder / "large.bin").write_bytes(payload * 2)
+        names = [f"f{i}.bin" for i in range(150)] + ["large.bin"] + [f"f{i}.bin" for i in range(150, 300)]
+        got = list(client.read_each((f"S/T/{n}".encode(), (folder / n).stat().st_size) for n in names))
+        assert [data for data, _ in got] == [(folder / n).read_bytes() for n in names]
+        assert len(client.sftp._expecting) <= nas_client.PIPELINED_FILES  # the last group's closes
+        assert _descendants_open_fds(sshd.proc.pid) <= fds + 2
 
         # Asking more per request than OpenSSH serves (255 KB): the short answer is read on.
         (folder / "capped.bin").write_bytes(payload)
         monkeypatch.setattr(nas_client, "READ_REQUEST_SIZE", 1024 * 1024)
+        client.read_request_size = None
         assert client.read(b"S/T/capped.bin", len(payload)) == payload
+        assert list(client.read_each([(b"S/T/capped.bin", len(payload))] * 2)) == [(payload, None)] * 2
     finally:
         client.close()
 
 
 def test_small_reads_over_a_link_that_drops_never_return_short_bytes(tmp_path, sshd):
-    """Cut midway, every read either returned the file's exact bytes or raised: a dropped
-    connection is never taken for a file's end."""
+    """Cut midway, every file either came back as its exact bytes or with an error: a dropped
+    connection is never taken for a file's end, and the reads end there."""
     from .proxy import DroppingProxy
 
     folder = tmp_path / "G" / "S" / "T"
@@ -244,17 +261,22 @@ def test_small_reads_over_a_link_that_drops_never_return_short_bytes(tmp_path, s
     known = sshd.known_hosts.read_text().replace(f"[127.0.0.1]:{sshd.port}", f"[127.0.0.1]:{proxy.port}")
     (tmp_path / "known_hosts").write_text(known)
     client = open_sftp(sshd, tmp_path / "G", port=proxy.port, known_hosts=str(tmp_path / "known_hosts"))
-    got = {}
+    got, errors = {}, {}
     try:
-        with pytest.raises(Exception):  # noqa: B017 - paramiko says "dropped" in several ways
-            for name in files:
-                got[name] = client.read(f"S/T/{name}".encode(), 9000)
+        names = list(files)
+        for name, (data, error) in zip(names, client.read_each((f"S/T/{n}".encode(), 9000) for n in names),
+                                       strict=True):
+            if error is None:
+                got[name] = data
+            else:
+                errors[name] = error
         assert not client.connected()
     finally:
         client.close()
         proxy.close()
-    assert proxy.dropped == 1 and 0 < len(got) < len(files)
+    assert proxy.dropped == 1 and got and errors and len(got) + len(errors) == len(files)
     assert all(got[name] == files[name] for name in got)
+    assert min(errors) > max(got)  # nothing read after the drop
 
 
 def test_buffered_socket_serves_small_reads_from_one_large_read():

@@ -129,6 +129,9 @@ class ReadAhead:
         self.thread = threading.Thread(target=self._run, daemon=True, name="nas-read-ahead")
 
     def _run(self) -> None:
+        # Lazily: a backend that overlaps reads takes a few files ahead of the budget (SFTP:
+        # at most PIPELINED_FILES small ones, a few MB).
+        results = self.client.read_each((f.rel, f.size) for f in self.files)
         for f in self.files:
             with self.cond:
                 # Always at least one file, however large; then only what fits the budget.
@@ -140,7 +143,7 @@ class ReadAhead:
                     return
                 self.held += f.size
             try:
-                item = (f, self.client.read(f.rel, f.size), None)
+                item = (f, *next(results))
             except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread to decide
                 item = (f, None, exc)
             with self.cond:

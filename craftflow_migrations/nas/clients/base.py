@@ -8,6 +8,7 @@ unreadable folders) is decided once, in ``listing.py``, for every backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -44,6 +45,20 @@ class NasClient(ABC):
         ``size`` is the listed size, when known: a hint that lets a backend read a small file
         in fewer round trips. The bytes returned are always the whole file as it is now.
         """
+
+    def read_each(self, files: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes | None, Exception | None]]:
+        """``(bytes, None)`` or ``(None, error)`` for each ``(path, listed size)``, in order.
+
+        Never raises for a file: what ``read`` would raise comes back as that file's error
+        (a lost connection as every later file's). A backend may overlap the reads; this
+        one reads a file at a time.
+        """
+        for rel, size in files:
+            try:
+                item: tuple[bytes | None, Exception | None] = (self.read(rel, size), None)
+            except Exception as exc:  # noqa: BLE001 - the caller decides (importer.read_failure)
+                item = (None, exc)
+            yield item
 
     @abstractmethod
     def resolve(self, rel: bytes) -> bytes | None:
