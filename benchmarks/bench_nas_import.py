@@ -19,8 +19,8 @@ JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then print
 
 ``--shapes-only`` instead times the whole ``craftflow-migrate`` (``MIGRATION_MODE=nas-only``) on
 every shape of NAS against its ideal: the large corpus over sshd (with its floor on these cores
-without orchestration), 100,000 small files in one folder (with one batch's per-file cost in one
-process), 3,000 folders against the same files in one folder, and the re-runs.
+without orchestration), 100,000 small files in one folder, local and over sshd (with one batch's
+per-file cost in one process), 3,000 folders against the same files in one folder, and the re-runs.
 """
 
 from __future__ import annotations
@@ -484,6 +484,9 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))
     _, _, _, out = nas_only(server, env, "touch one")
     print(f"  {'  one file touched':44} {[line for line in out.splitlines() if line.startswith('NAS import')][0]}")
+    env = fresh_env(server, one, sshd.env(one))
+    wall, busy, phases, _ = nas_only(server, env, "small over sshd")
+    print_run("  the same files over sshd", wall, busy, phases, cpu / cores, None, cores)
     per_file_cost(server, sshd, one, 20_000)
 
     n_flat, _ = ideal_of(flat)

@@ -6,7 +6,9 @@ on a Latin-1 name). Reads are pipelined (``prefetch``), which is what makes para
 a plain ``SFTPFile.read()`` waits for each 32 KB request in turn. The rest of the speed comes
 from spending less Python per byte: 255 KB read requests instead of 32 KB, chunks handed over
 whole instead of sliced 8 KB at a time, and AES-GCM (one AEAD pass) ahead of AES-CTR plus a
-separate HMAC when the server offers it.
+separate HMAC when the server offers it. Small files are the other way round: their cost
+is round trips, so each takes two (open, one read; the close is not waited for) and they are
+read in groups with their requests in flight together (``read_each``).
 """
 
 from __future__ import annotations
