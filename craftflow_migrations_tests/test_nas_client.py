@@ -82,6 +82,55 @@ def test_listing_a_large_folder_takes_few_round_trips(tmp_path, sshd):
     assert requests < 5000 / 50, f"{requests} SFTP requests for 5000 files"
 
 
+def _as_compared(listings) -> dict:
+    return {key: (li.files, li.problems, li.unlisted, li.missing, li.fingerprint) for key, li in listings.items()}
+
+
+def test_many_partitions_listed_together_over_sftp_equal_the_local_listing(tmp_path, sshd):
+    """Partitions are walked 16 at a time with their folders' requests in flight together;
+    the listing is exactly the one-folder-at-a-time local one, problems and order included."""
+    base = tmp_path / "G"
+    for shop in range(40):
+        for template in range(3):
+            folder = base / f"Shop {shop:02d}" / f"T{template}"
+            (folder / "sub" / "deeper").mkdir(parents=True)
+            if (shop + template) % 7 == 0:
+                continue  # an empty partition with empty subfolders
+            for name in ("a.png", "b.png", "sub/c.png", "sub/deeper/d.png")[: 1 + (shop % 4)]:
+                (folder / name).write_bytes(os.urandom(10 + shop))
+            if shop % 5 == 0:
+                os.symlink(".", folder / "sub" / "loop")
+                os.symlink("/etc", folder / "outside")
+    os.symlink(base / "Shop 01" / "T1", base / "Shop 02" / "linked template")
+    (base / "Shop 03" / "a file, not a template").write_bytes(b"x")
+    for path in base.rglob("*.png"):
+        os.utime(path, (1_700_000_000, 1_700_000_000 + len(path.name)))  # SFTP v3 carries whole seconds
+    client = open_sftp(sshd, base)
+    in_flight = []
+    send = client.sftp._async_request
+
+    def counting(*args, **kwargs):
+        number = send(*args, **kwargs)
+        in_flight.append(len(client.sftp._expecting))
+        return number
+
+    client.sftp._async_request = counting
+    keys = ["Shop 39/T2", "Shop 00/T1", "Gone/Nowhere", "Shop 05/T0"]
+    try:
+        over_sftp, sftp_problems = list_nas(client)
+        some_sftp = list_nas(client, keys)[0]
+    finally:
+        client.close()
+    with LocalNasClient(base) as local:
+        locally, local_problems = list_nas(local)
+        some_local = list_nas(local, keys)[0]
+    assert len(over_sftp) == 120 and sftp_problems == local_problems and len(local_problems) == 1
+    assert _as_compared(over_sftp) == _as_compared(locally)
+    assert list(some_sftp) == keys and _as_compared(some_sftp) == _as_compared(some_local)
+    assert some_sftp["Gone/Nowhere"].missing
+    assert max(in_flight) >= 16  # listed together, not one folder after another
+
+
 def test_unknown_host_key_is_refused_with_how_to_trust_it(nas_tree, sshd, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")

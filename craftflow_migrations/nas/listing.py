@@ -21,15 +21,17 @@ import hashlib
 import logging
 import pickle
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .clients.base import NasClient, NasError
+from .clients.base import Entry, NasClient, NasError
 from .names import is_hidden, is_utf8, partition_key, shown, split_partition_key, text_of
 
 log = logging.getLogger("craftflow_migrations.nas")
+# Folders listed in one exchange with the NAS (their requests in flight together).
+FOLDERS_AT_ONCE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,18 +130,19 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
                        "(check NAS_BASE_PATH and the NAS user's permissions)") from None
     folders: dict[str, PartitionFolder] = {}
     problems: list[ListingProblem] = []
+    shop_dirs = []
     for shop in sorted(shops, key=lambda e: e.name):
         if is_hidden(shop.name):
             continue
         if shop.kind == "link":
             problems.append(ListingProblem(text_of(shop.name), _link_problem(client, shop.name)))
-            continue
-        if shop.kind != "dir":
-            continue
-        try:
-            templates = client.scandir(shop.name)
-        except OSError as exc:
-            problems.append(ListingProblem(text_of(shop.name), f"shop folder could not be listed: {_why(exc)}"))
+        elif shop.kind == "dir":
+            shop_dirs.append(shop)
+    scanned = [result for i in range(0, len(shop_dirs), FOLDERS_AT_ONCE)
+               for result in client.scandir_each([s.name for s in shop_dirs[i:i + FOLDERS_AT_ONCE]])]
+    for shop, templates in zip(shop_dirs, scanned, strict=True):
+        if isinstance(templates, OSError):
+            problems.append(ListingProblem(text_of(shop.name), f"shop folder could not be listed: {_why(templates)}"))
             continue
         for template in sorted(templates, key=lambda e: e.name):
             rel = _join(shop.name, template.name)
@@ -160,16 +163,21 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
     return sorted(folders.values(), key=lambda f: f.key), problems
 
 
-def list_partition(client: NasClient, folder: PartitionFolder) -> PartitionListing:
-    """Every file under one partition folder, without following links."""
+def _walk_partition(client: NasClient, folder: PartitionFolder) -> Generator[bytes, list[Entry] | OSError,
+                                                                            PartitionListing]:
+    """Every file under one partition folder, without following links.
+
+    Yields each folder to list and is sent its entries (or the ``OSError`` listing it
+    raised), so that many partitions can be walked with their listings in flight together.
+    """
     listing = PartitionListing(folder)
     seen: dict[str, bytes] = {}
     stack = [folder.raw]
     while stack:
         rel = stack.pop()
-        try:
-            entries = client.scandir(rel)
-        except OSError as exc:
+        entries = yield rel
+        if isinstance(entries, OSError):
+            exc = entries
             if rel == folder.raw and exc.errno == errno.ENOENT:
                 listing.missing = True
                 return listing
@@ -197,6 +205,34 @@ def list_partition(client: NasClient, folder: PartitionFolder) -> PartitionListi
                                              None if is_utf8(child) else child))
     listing.files.sort(key=lambda f: f.path)
     return listing
+
+
+def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> dict[str, PartitionListing]:
+    """Each folder's listing: FOLDERS_AT_ONCE partitions walked together, one folder of each
+    listed per exchange (``NasClient.scandir_each``), so a NAS of thousands of small
+    partitions costs round trips in parallel, not one after another."""
+    out: dict[str, PartitionListing] = {}
+    todo = iter(folders)
+    active: list[tuple[PartitionFolder, Generator, bytes]] = []
+    while True:
+        while len(active) < FOLDERS_AT_ONCE and (folder := next(todo, None)) is not None:
+            walk = _walk_partition(client, folder)
+            active.append((folder, walk, next(walk)))
+        if not active:
+            return out
+        still = []
+        for (folder, walk, _), entries in zip(active, client.scandir_each([rel for _, _, rel in active]),
+                                              strict=True):
+            try:
+                still.append((folder, walk, walk.send(entries)))
+            except StopIteration as finished:
+                out[folder.key] = finished.value
+        active = still
+
+
+def list_partition(client: NasClient, folder: PartitionFolder) -> PartitionListing:
+    """Every file under one partition folder, without following links."""
+    return list_partitions(client, [folder])[folder.key]
 
 
 @dataclass
@@ -240,14 +276,12 @@ def list_nas(client: NasClient, keys: Sequence[str] | None = None,
     logger = logger or log
     folders, problems = list_partition_folders(client)
     by_key = {f.key: f for f in folders}
-    wanted: Iterable[str] = by_key if keys is None else keys
-    out: dict[str, PartitionListing] = {}
-    for key in wanted:
-        folder = by_key.get(key)
-        if folder is None:
-            out[key] = PartitionListing(PartitionFolder(key, *split_partition_key(key), b""), missing=True)
-            continue
-        out[key] = list_partition(client, folder)
+    wanted = list(by_key if keys is None else keys)
+    listed = list_partitions(client, [by_key[key] for key in wanted if key in by_key])
+    out: dict[str, PartitionListing] = {
+        key: listed[key] if key in listed else
+        PartitionListing(PartitionFolder(key, *split_partition_key(key), b""), missing=True)
+        for key in wanted}
     for p in problems:
         logger.warning(f"NAS listing: {p.line()}")
     return out, problems

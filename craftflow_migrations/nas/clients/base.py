@@ -8,7 +8,7 @@ unreadable folders) is decided once, in ``listing.py``, for every backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -45,6 +45,20 @@ class NasClient(ABC):
         ``size`` is the listed size, when known: a hint that lets a backend read a small file
         in fewer round trips. The bytes returned are always the whole file as it is now.
         """
+
+    def scandir_each(self, rels: Sequence[bytes]) -> list[list[Entry] | OSError]:
+        """``scandir`` of each folder, in order, an ``OSError`` standing for that folder's.
+
+        A backend may list them with their requests in flight together; this one lists a
+        folder at a time. Anything but an ``OSError`` (a lost connection) is raised.
+        """
+        out: list[list[Entry] | OSError] = []
+        for rel in rels:
+            try:
+                out.append(self.scandir(rel))
+            except OSError as exc:
+                out.append(exc)
+        return out
 
     def read_each(self, files: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes | None, Exception | None]]:
         """``(bytes, None)`` or ``(None, error)`` for each ``(path, listed size)``, in order.

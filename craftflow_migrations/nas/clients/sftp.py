@@ -20,7 +20,7 @@ import os
 import posixpath
 import socket
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import paramiko
 from paramiko.sftp import (
@@ -96,6 +96,23 @@ class _Replies:
 
     def _async_response(self, kind: int, msg: paramiko.Message, number: int) -> None:
         self.by_number[number] = (kind, msg)
+
+
+def _entries(msg: paramiko.Message) -> list[Entry]:
+    """The entries of one READDIR reply (``.`` and ``..`` left out)."""
+    out = []
+    for _ in range(msg.get_int()):
+        name = msg.get_string()  # bytes: not every name on a NAS is UTF-8
+        msg.get_string()  # longname
+        attr = paramiko.SFTPAttributes._from_msg(msg)
+        if name in (b".", b".."):
+            continue
+        mode = attr.st_mode or 0
+        kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
+                else "file" if stat.S_ISREG(mode) else "other")
+        # SFTP v3 carries whole seconds.
+        out.append(Entry(name, kind, attr.st_size or 0, int(attr.st_mtime or 0) * 1_000_000))
+    return out
 
 
 def _status_error(sftp: paramiko.SFTPClient, kind: int, msg: paramiko.Message) -> Exception:
@@ -231,7 +248,7 @@ class SftpNasClient(NasClient):
         if t != CMD_HANDLE:
             raise OSError(errno.EIO, "unexpected answer to OPENDIR")
         handle = msg.get_binary()
-        out = []
+        out: list[Entry] = []
         try:
             while True:
                 try:
@@ -240,19 +257,48 @@ class SftpNasClient(NasClient):
                     break
                 if t != CMD_NAME:
                     raise OSError(errno.EIO, "unexpected answer to READDIR")
-                for _ in range(msg.get_int()):
-                    name = msg.get_string()  # bytes: not every name on a NAS is UTF-8
-                    msg.get_string()  # longname
-                    attr = paramiko.SFTPAttributes._from_msg(msg)
-                    if name in (b".", b".."):
-                        continue
-                    mode = attr.st_mode or 0
-                    kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
-                            else "file" if stat.S_ISREG(mode) else "other")
-                    # SFTP v3 carries whole seconds.
-                    out.append(Entry(name, kind, attr.st_size or 0, int(attr.st_mtime or 0) * 1_000_000))
+                out.extend(_entries(msg))
         finally:
             self.sftp._request(CMD_CLOSE, handle)
+        return out
+
+    def scandir_each(self, rels: Sequence[bytes]) -> list[list[Entry] | OSError]:
+        """The folders' OPENDIRs sent together, then each one's READDIRs as its replies come.
+
+        One folder at a time, a folder cost four waits for sshd (open, a READDIR with its
+        entries, one for the end, close): 3,000 small folders over loopback took 3.5-3.8 s.
+        The closes are not waited for.
+        """
+        sftp, replies = self.sftp, _Replies()
+        out: list[list[Entry] | OSError] = [[] for _ in rels]
+        handles: dict[int, bytes] = {}
+        waiting: dict[int, int] = {}  # request number -> the folder it is for
+        try:
+            for i, rel in enumerate(rels):
+                waiting[sftp._async_request(replies, CMD_OPENDIR, self._abs(rel))] = i
+            while waiting:
+                number = next(iter(waiting))  # the oldest: the server answers in order
+                kind, msg = self._reply(replies, number)
+                i = waiting.pop(number)
+                if kind in (CMD_HANDLE, CMD_NAME):
+                    if kind == CMD_HANDLE:
+                        handles[i] = msg.get_binary()
+                    else:
+                        out[i].extend(_entries(msg))  # type: ignore[union-attr]
+                    waiting[sftp._async_request(replies, CMD_READDIR, handles[i])] = i
+                    continue
+                error = _status_error(sftp, kind, msg)
+                if i in handles:
+                    sftp._async_request(type(None), CMD_CLOSE, handles.pop(i))
+                    if isinstance(error, EOFError):
+                        continue  # the end of the folder
+                out[i] = error if isinstance(error, OSError) else OSError(errno.EIO, f"unexpected answer: {error}")
+        finally:
+            for handle in handles.values():
+                try:
+                    sftp._async_request(type(None), CMD_CLOSE, handle)
+                except Exception:  # noqa: BLE001, S110 - the connection is gone; the server closes them
+                    pass
         return out
 
     def resolve(self, rel: bytes) -> bytes | None:
