@@ -289,16 +289,12 @@ class SftpNasClient(NasClient):
                     continue
                 error = _status_error(sftp, kind, msg)
                 if i in handles:
-                    sftp._async_request(type(None), CMD_CLOSE, handles.pop(i))
+                    self._close_unwaited([handles.pop(i)])
                     if isinstance(error, EOFError):
                         continue  # the end of the folder
                 out[i] = error if isinstance(error, OSError) else OSError(errno.EIO, f"unexpected answer: {error}")
         finally:
-            for handle in handles.values():
-                try:
-                    sftp._async_request(type(None), CMD_CLOSE, handle)
-                except Exception:  # noqa: BLE001, S110 - the connection is gone; the server closes them
-                    pass
+            self._close_unwaited(handles.values())
         return out
 
     def resolve(self, rel: bytes) -> bytes | None:
@@ -362,6 +358,18 @@ class SftpNasClient(NasClient):
         if group:
             yield from self._read_group(group)
 
+    def _close_unwaited(self, handles: Iterable[bytes]) -> None:
+        """CLOSE each handle without waiting: the reply is read, and ignored, with a later request's.
+
+        Nothing to report on closing what was only read; on a lost connection the server
+        closes them itself.
+        """
+        for handle in handles:
+            try:
+                self.sftp._async_request(type(None), CMD_CLOSE, handle)
+            except Exception:  # noqa: BLE001, S110 - the connection is gone
+                pass
+
     def _reply(self, replies: _Replies, number: int) -> tuple[int, paramiko.Message]:
         while number not in replies.by_number:
             self.sftp._read_response()  # one packet, handed to whichever request it answers
@@ -385,7 +393,7 @@ class SftpNasClient(NasClient):
                     out[i] = (None, _status_error(sftp, kind, msg))
             for i, number in reads.items():
                 kind, msg = self._reply(replies, number)
-                sftp._async_request(type(None), CMD_CLOSE, handles.pop(i))  # the reply is not waited for
+                self._close_unwaited([handles.pop(i)])
                 if kind == CMD_DATA:
                     data = msg.get_string()
                     if len(data) == group[i][1]:
@@ -402,11 +410,7 @@ class SftpNasClient(NasClient):
                 out = [item or (None, exc) for item in out]
             # else (a reply paramiko could not parse): those files are read again one at a time
         finally:
-            for handle in handles.values():
-                try:
-                    sftp._async_request(type(None), CMD_CLOSE, handle)
-                except Exception:  # noqa: BLE001, S110 - the connection is gone; the server closes them
-                    pass
+            self._close_unwaited(handles.values())
         for (rel, size), item in zip(group, out, strict=True):
             if item is None:
                 item = next(super().read_each([(rel, size)]))
