@@ -230,11 +230,6 @@ def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> di
         active = still
 
 
-def list_partition(client: NasClient, folder: PartitionFolder) -> PartitionListing:
-    """Every file under one partition folder, without following links."""
-    return list_partitions(client, [folder])[folder.key]
-
-
 @dataclass
 class SavedListing:
     """A run's listing, written by the worker and read by the run's plan step: listed once per run."""
