@@ -87,7 +87,7 @@ def _as_compared(listings) -> dict:
 
 
 def test_many_partitions_listed_together_over_sftp_equal_the_local_listing(tmp_path, sshd):
-    """Partitions are walked 16 at a time with their folders' requests in flight together;
+    """Partitions are walked many at a time with their folders' requests in flight together;
     the listing is exactly the one-folder-at-a-time local one, problems and order included."""
     base = tmp_path / "G"
     for shop in range(40):

@@ -130,7 +130,7 @@ class ReadAhead:
 
     def _run(self) -> None:
         # Lazily: a backend that overlaps reads takes a few files ahead of the budget (SFTP:
-        # at most PIPELINED_FILES small ones, a few MB).
+        # at most PIPELINED_FILES small ones, 8 MB).
         results = self.client.read_each((f.rel, f.size) for f in self.files)
         for f in self.files:
             with self.cond:

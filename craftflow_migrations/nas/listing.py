@@ -30,8 +30,9 @@ from .clients.base import Entry, NasClient, NasError
 from .names import is_hidden, is_utf8, partition_key, shown, split_partition_key, text_of
 
 log = logging.getLogger("craftflow_migrations.nas")
-# Folders listed in one exchange with the NAS (their requests in flight together).
-FOLDERS_AT_ONCE = 16
+# Folders listed in one exchange with the NAS (their requests in flight together). Listing 3,000
+# folders over loopback sshd, alternated: 16 at once 0.71-1.21 s, 32 0.80-1.03, 64 0.55-0.74.
+FOLDERS_AT_ONCE = 64
 
 
 @dataclass(frozen=True, slots=True)
