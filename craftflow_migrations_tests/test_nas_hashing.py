@@ -1,5 +1,7 @@
 """Hashes are imagehash's own, and bad files are described, never raised."""
 
+import io
+
 import imagehash
 from PIL import Image
 
@@ -75,3 +77,48 @@ def test_many_small_files_spread_over_every_slot_in_whole_rounds():
     assert len(sixteen) == 16  # 2.5 GB on 16 slots: one round, not 6 batches
     large = plan_batches(files([50] * 30), target_bytes=500 * MB, workers=2)
     assert len(large) == 4 and all(340 * MB <= sum(f.size for f in b) <= 400 * MB for b in large)
+
+
+def _two_halves(width: int, height: int) -> Image.Image:
+    """Red left half, blue right half: every turn and flip of it looks different."""
+    image = Image.new("RGB", (width, height), (220, 20, 20))
+    image.paste((20, 20, 220), (width // 2, 0, width, height))
+    return image
+
+
+def _colour_at(thumbnail: Image.Image, x: float, y: float) -> str:
+    r, _, b = thumbnail.getpixel((int(x * (thumbnail.width - 1)), int(y * (thumbnail.height - 1))))
+    return "red" if r > b else "blue"
+
+
+def test_thumbnails_are_upright_as_the_exif_orientation_says(tmp_path):
+    """A phone photo is stored sideways with an orientation tag: its thumbnail is turned, small
+    files included (they are otherwise their own thumbnail); the pHash stays imagehash's."""
+    # Where the stored left half ends up once shown: (orientation, x, y of a red point).
+    red_at = {1: (0.1, 0.5), 2: (0.9, 0.5), 3: (0.9, 0.5), 4: (0.1, 0.5),
+              5: (0.5, 0.1), 6: (0.5, 0.1), 7: (0.5, 0.9), 8: (0.5, 0.9)}
+    for size, fmt in (((1200, 600), "JPEG"), ((120, 60), "JPEG"), ((120, 60), "PNG"), ((1200, 600), "TIFF")):
+        for orientation, (x, y) in red_at.items():
+            exif = Image.Exif()
+            exif[0x0112] = orientation
+            path = tmp_path / f"o{orientation}-{size[0]}.{fmt.lower()}"
+            _two_halves(*size).save(path, fmt, exif=exif.tobytes())
+            facts = describe_image(path.read_bytes())
+            assert facts.ok and facts.phash == str(imagehash.phash(Image.open(path), hash_size=16))
+            thumb = Image.open(io.BytesIO(facts.thumbnail)).convert("RGB")
+            turned = orientation >= 5
+            assert (thumb.width < thumb.height) == turned, (fmt, size, orientation, thumb.size)
+            assert _colour_at(thumb, x, y) == "red", (fmt, size, orientation)
+            assert _colour_at(thumb, 1 - x, 1 - y) == "blue", (fmt, size, orientation)
+    # A tag that is not an orientation, or EXIF that does not parse: shown as stored, never failed.
+    for value in (0, 9, 65535):
+        exif = Image.Exif()
+        exif[0x0112] = value
+        path = tmp_path / f"odd{value}.jpg"
+        _two_halves(400, 200).save(path, exif=exif.tobytes())
+        facts = describe_image(path.read_bytes())
+        assert facts.ok and Image.open(io.BytesIO(facts.thumbnail)).size == (224, 112)
+    path = tmp_path / "garbled.jpg"
+    _two_halves(400, 200).save(path, exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff")
+    facts = describe_image(path.read_bytes())
+    assert facts.ok and Image.open(io.BytesIO(facts.thumbnail)).size == (224, 112)
