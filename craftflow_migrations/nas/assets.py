@@ -41,6 +41,14 @@ class BatchPlan:
 
 
 @dataclass(frozen=True)
+class BatchCounts:
+    """What one batch step hands the summary step: its counts for each partition it touched."""
+
+    index: int
+    partitions: dict[str, Counts]
+
+
+@dataclass(frozen=True)
 class RunPlan:
     started: float
     batches: int
@@ -146,7 +154,7 @@ def _batch_label(context: dg.OpExecutionContext, batch: BatchPlan) -> str:
     pool=SFTP_POOL,
     tags={"kind": "nas", BATCH_STEP_TAG[0]: BATCH_STEP_TAG[1]},
 )
-def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> dict[str, Counts]:
+def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> BatchCounts:
     """Fetch and hash one batch; bad files are recorded, a lost connection retries the batch."""
     postgres: PostgresResource = context.resources.postgres
     nas: NasResource = context.resources.nas
@@ -169,7 +177,7 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> dict[s
         f"{label} done: {total.imported} imported, {total.failed} failed, {total.skipped} already done, "
         f"{total.bytes_read / MB:,.1f} MB at {result.mb_per_s:,.1f} MB/s"
     )
-    return result.partitions
+    return BatchCounts(batch.index, result.partitions)
 
 
 def add_partition_metadata(context: dg.AssetExecutionContext, metadata_by_key: dict[str, dict]) -> None:
@@ -199,13 +207,14 @@ def add_partition_metadata(context: dg.AssetExecutionContext, metadata_by_key: d
 
 
 @dg.op(required_resource_keys={"postgres"}, tags={"kind": "nas"})
-def summarize_nas_import(context: dg.AssetExecutionContext, scan: RunPlan, results: list[dict[str, Counts]]) -> None:
+def summarize_nas_import(context: dg.AssetExecutionContext, scan: RunPlan, batches: list[BatchCounts]) -> None:
     """One materialization per partition, each with its own counts and listing fingerprint.
 
     Returns nothing: the asset is the table, and an IO manager could not store one value
     for a range of partitions anyway.
     """
     postgres: PostgresResource = context.resources.postgres
+    results = [b.partitions for b in batches]
     seconds = max(time.time() - scan.started, 1e-6)
     run_mb = sum(c.bytes_read for r in results for c in r.values()) / MB
     parts = {key: (p.shop, p.template) for key, p in scan.partitions.items()}
