@@ -44,7 +44,6 @@ class BatchPlan:
 class BatchCounts:
     """What one batch step hands the summary step: its counts for each partition it touched."""
 
-    index: int
     partitions: dict[str, Counts]
 
 
@@ -177,7 +176,7 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> BatchC
         f"{label} done: {total.imported} imported, {total.failed} failed, {total.skipped} already done, "
         f"{total.bytes_read / MB:,.1f} MB at {result.mb_per_s:,.1f} MB/s"
     )
-    return BatchCounts(batch.index, result.partitions)
+    return BatchCounts(result.partitions)
 
 
 def add_partition_metadata(context: dg.AssetExecutionContext, metadata_by_key: dict[str, dict]) -> None:
