@@ -309,7 +309,11 @@ class SftpNasClient(NasClient):
         return posixpath.relpath(real, self._real_base)
 
     def connected(self) -> bool:
-        return self.transport.is_active()
+        # paramiko's transport thread closes its channels before it marks itself inactive: in
+        # between, a read has already failed on the closed channel while is_active() still
+        # says True, and the file would have been recorded as unreadable instead of the batch
+        # being retried.
+        return self.transport.is_active() and not self.sftp.get_channel().closed
 
     def read(self, rel: bytes, size: int | None = None) -> bytes:
         if size is not None and size < (self.read_request_size or READ_REQUEST_SIZE):
