@@ -246,23 +246,11 @@ class SftpNasClient(NasClient):
         return msg.get_string()
 
     def scandir(self, rel: bytes) -> list[Entry]:
-        t, msg = self.sftp._request(CMD_OPENDIR, self._abs(rel))
-        if t != CMD_HANDLE:
-            raise OSError(errno.EIO, "unexpected answer to OPENDIR")
-        handle = msg.get_binary()
-        out: list[Entry] = []
-        try:
-            while True:
-                try:
-                    t, msg = self.sftp._request(CMD_READDIR, handle)
-                except EOFError:
-                    break
-                if t != CMD_NAME:
-                    raise OSError(errno.EIO, "unexpected answer to READDIR")
-                out.extend(_entries(msg))
-        finally:
-            self.sftp._request(CMD_CLOSE, handle)
-        return out
+        # One folder is a group of one: the same requests as scandir_each, one mechanism.
+        [entries] = self.scandir_each([rel])
+        if isinstance(entries, OSError):
+            raise entries
+        return entries
 
     def scandir_each(self, rels: Sequence[bytes]) -> list[list[Entry] | OSError]:
         """The folders' OPENDIRs sent together, then each one's READDIRs as its replies come.
