@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import imagehash
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 HASH_SIZE = 16
 PHASH_ALGORITHM = f"imagehash-{imagehash.__version__}:phash:hash_size={HASH_SIZE}"
@@ -181,7 +181,6 @@ SMALL_FILE_BYTES = 32 * 1024
 _UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
             5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
             8: Image.Transpose.ROTATE_90}
-_ORIENTATION_TAG = 0x0112
 
 
 def upright_transpose(image: Image.Image) -> Image.Transpose | None:
@@ -193,7 +192,7 @@ def upright_transpose(image: Image.Image) -> Image.Transpose | None:
     if image.format != "TIFF" and "exif" not in image.info and "Raw profile type exif" not in image.info:
         return None
     try:
-        return _UPRIGHT.get(int(image.getexif().get(_ORIENTATION_TAG, 1)))
+        return _UPRIGHT.get(int(image.getexif().get(ExifTags.Base.Orientation, 1)))
     except Exception:  # noqa: BLE001 - a broken EXIF block never fails the file
         return None
 
