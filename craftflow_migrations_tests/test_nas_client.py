@@ -1,6 +1,7 @@
 """Reading the NAS over a real sshd: listing, odd names, symlinks, host keys."""
 
 import os
+import time
 from pathlib import Path
 
 import paramiko
@@ -350,3 +351,126 @@ def test_buffered_socket_serves_small_reads_from_one_large_read():
     finally:
         a.close()
         b.close()
+
+
+def test_requests_in_flight_together_go_out_in_few_writes(tmp_path, sshd):
+    """The listing's and the small reads' requests leave in bursts, not a packet each, and the
+    server holds no handle once a burst is done."""
+    base = tmp_path / "G"
+    for shop in range(10):
+        for template in range(20):
+            (base / f"S{shop}" / f"T{template}").mkdir(parents=True)
+            (base / f"S{shop}" / f"T{template}" / "a.png").write_bytes(os.urandom(300 + template))
+    client = open_sftp(sshd, base)
+    channel = client.sftp.sock
+    writes = []
+    sendall = channel._channel.sendall
+
+    def counting(data):
+        writes.append(len(data))
+        sendall(data)
+
+    channel._channel.sendall = counting
+    try:
+        fds = _descendants_open_fds(sshd.proc.pid)
+        before = client.sftp.request_number
+        files = [f for li in list_nas(client)[0].values() for f in li.files]
+        listing_requests = client.sftp.request_number - before
+        listing_writes = len(writes)
+        assert len(files) == 200 and listing_writes * 8 < listing_requests, (listing_writes, listing_requests)
+        writes.clear()
+        before = client.sftp.request_number
+        got = list(client.read_each((f.rel, f.size) for f in files))
+        read_requests = client.sftp.request_number - before
+        assert [data for data, _ in got] == [(base / f.path).read_bytes() for f in files]
+        assert len(writes) * 8 < read_requests, (len(writes), read_requests)
+        assert not channel._held and _descendants_open_fds(sshd.proc.pid) <= fds + 2
+    finally:
+        client.close()
+
+
+def test_a_request_sent_while_another_thread_waits_goes_out_at_once(tmp_path, sshd):
+    """paramiko's prefetch thread sends the requests a reading thread is already waiting on:
+    held back for a burst, they would never be answered."""
+    import threading
+
+    from paramiko.sftp import CMD_STAT
+
+    (tmp_path / "G").mkdir()
+    (tmp_path / "G" / "f.bin").write_bytes(b"x" * 10)
+    client = open_sftp(sshd, tmp_path / "G")
+    sftp, answered = client.sftp, []
+    try:
+        number = sftp.request_number
+        sftp._expecting[number] = type(None)  # as _async_request registers it, before sending
+        waiter = threading.Thread(target=lambda: answered.append(sftp._read_response(number)), daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 5
+        while not sftp.sock._waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        del sftp._expecting[number]
+        assert sftp._async_request(type(None), CMD_STAT, client._abs(b"f.bin")) == number
+        waiter.join(timeout=10)
+        assert answered and answered[0][0] is not None
+    finally:
+        client.close()
+
+
+def _name_reply(entries: list[tuple[bytes, int, dict]]) -> bytes:
+    """A READDIR reply (after its request number) with each entry's attributes as given."""
+    msg = paramiko.Message()
+    msg.add_int(len(entries))
+    for name, flags, attrs in entries:
+        msg.add_string(name)
+        msg.add_string(b"-rw-r--r-- 1 u g " + name)
+        msg.add_int(flags)
+        if flags & 1:
+            msg.add_int64(attrs["size"])
+        if flags & 2:
+            msg.add_int(attrs["uid"])
+            msg.add_int(attrs["gid"])
+        if flags & 4:
+            msg.add_int(attrs["mode"])
+        if flags & 8:
+            msg.add_int(attrs["atime"])
+            msg.add_int(attrs["mtime"])
+        if flags & 0x80000000:
+            msg.add_int(len(attrs["ext"]))
+            for key, value in attrs["ext"]:
+                msg.add_string(key)
+                msg.add_string(value)
+    return msg.asbytes()
+
+
+def test_readdir_replies_are_read_as_paramiko_reads_them():
+    import stat
+
+    from craftflow_migrations.nas.clients.sftp import _entries
+
+    full = {"size": 5 * 2**32 + 7, "uid": 0xFFFFFFFE, "gid": 100, "mode": stat.S_IFREG | 0o644,
+            "atime": 1, "mtime": 1_700_000_123, "ext": [(b"a@x", b"1"), (b"b@x", b"\xff" * 40)]}
+    entries = [
+        (b".", 0xF | 0x80000000, {**full, "mode": stat.S_IFDIR | 0o755}),
+        (b"..", 0xF, {**full, "mode": stat.S_IFDIR | 0o755}),
+        ("café.png".encode("latin-1"), 0xF | 0x80000000, full),
+        (b"folder", 0x4 | 0x8, {**full, "mode": stat.S_IFDIR | 0o700}),
+        (b"link", 0xF, {**full, "mode": stat.S_IFLNK | 0o777}),
+        (b"fifo", 0xF, {**full, "mode": stat.S_IFIFO | 0o600}),
+        (b"no attributes", 0, {}),
+        (b"size only", 0x1, {"size": 42}),
+    ]
+    data = _name_reply(entries)
+    expected = []
+    reference = paramiko.Message(data)
+    for _ in range(reference.get_int()):
+        name, _ = reference.get_string(), reference.get_string()
+        attr = paramiko.SFTPAttributes._from_msg(reference)
+        if name not in (b".", b".."):
+            expected.append((name, attr.st_mode or 0, attr.st_size or 0, (attr.st_mtime or 0) * 1_000_000))
+    got = _entries(paramiko.Message(data))
+    assert [(e.name, e.size, e.mtime_us) for e in got] == [(n, s, m) for n, _, s, m in expected]
+    assert [e.kind for e in got] == ["file", "dir", "link", "other", "other", "other"]
+    # Cut anywhere, a reply is an error for its folder, never entries of zeros.
+    for cut in range(len(data)):
+        with pytest.raises(OSError, match="malformed READDIR reply"):
+            _entries(paramiko.Message(data[:cut]))
