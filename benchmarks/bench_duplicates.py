@@ -107,7 +107,7 @@ def asset_regroup(server, n: int, thumbs: list[tuple[bytes, bytes]]) -> dict:
     from craftflow_migrations.db import get_engine
     from craftflow_migrations.duplicates.assets import design_duplicates
     from craftflow_migrations.migrations import __path__ as migrations_path
-    from craftflow_migrations.nas.hashing import PHASH_ALGORITHM
+    from craftflow_migrations.nas.phash_algorithm import PHASH_ALGORITHM
     from craftflow_migrations.resources import PostgresResource
     from craftflow_migrations.schema.discovery import discover
     from craftflow_migrations.schema.runner import run_pending

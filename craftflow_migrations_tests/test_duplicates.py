@@ -220,7 +220,7 @@ def test_one_group_per_design_with_its_exact_copies_inside():
 
 def test_shop_names_with_tabs_newlines_and_backslashes_keep_their_scope(migrated_url, instance, tmp_path):
     """Folder names are data: a scope read back must be the scope written, or old groups linger."""
-    from craftflow_migrations.nas.hashing import PHASH_ALGORITHM
+    from craftflow_migrations.nas.phash_algorithm import PHASH_ALGORITHM
 
     names = ["Tab\tShop", "New\nLine", "Back\\slash", 'Quote"Shop, Ltd']
     engine = get_engine(migrated_url)

@@ -122,3 +122,11 @@ def test_thumbnails_are_upright_as_the_exif_orientation_says(tmp_path):
     _two_halves(400, 200).save(path, exif=b"Exif\x00\x00MM\x00*\xff\xff\xff\xff")
     facts = describe_image(path.read_bytes())
     assert facts.ok and Image.open(io.BytesIO(facts.thumbnail)).size == (224, 112)
+
+
+def test_the_stored_algorithm_names_the_imagehash_that_hashes():
+    import imagehash
+
+    from craftflow_migrations.nas.phash_algorithm import HASH_SIZE, PHASH_ALGORITHM
+
+    assert PHASH_ALGORITHM == f"imagehash-{imagehash.__version__}:phash:hash_size={HASH_SIZE}"

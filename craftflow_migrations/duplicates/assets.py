@@ -9,7 +9,7 @@ from pydantic import Field
 from sqlalchemy import text
 
 from ..nas.assets import design_images
-from ..nas.hashing import PHASH_ALGORITHM
+from ..nas.phash_algorithm import PHASH_ALGORITHM
 from ..resources import PostgresResource
 from ..settings import get_settings
 from . import store

@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from ..nas import store as nas_store
-from ..nas.hashing import PHASH_ALGORITHM
+from ..nas.phash_algorithm import PHASH_ALGORITHM
 from .grouping import Group, ImageRow, ThumbnailSource, hash_words
 
 _SCOPE = "COALESCE('tenant:' || s.tenant_id, 'shop:' || d.shop)"

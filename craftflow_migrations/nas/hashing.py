@@ -32,8 +32,7 @@ import imagehash
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-HASH_SIZE = 16
-PHASH_ALGORITHM = f"imagehash-{imagehash.__version__}:phash:hash_size={HASH_SIZE}"
+from .phash_algorithm import HASH_SIZE
 
 # Codecs whose output size is fixed by the pixel count (no entropy coding): a file must
 # carry about width x height x bytes-per-pixel of data.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
 from psycopg2 import Binary
 from psycopg2.errors import UniqueViolation
@@ -22,8 +23,11 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from .copy_binary import copy_rows
-from .hashing import HASH_SIZE, PHASH_ALGORITHM, ImageFacts
 from .listing import NasFile
+from .phash_algorithm import HASH_SIZE, PHASH_ALGORITHM
+
+if TYPE_CHECKING:
+    from .hashing import ImageFacts
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
