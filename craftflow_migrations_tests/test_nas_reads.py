@@ -82,6 +82,29 @@ def test_a_share_that_makes_reads_wait_moves_them_to_the_thread(tmp_path, thread
     assert threads_started == [300 - 64]  # after one window of 64 files, the rest, in order
 
 
+class HalfCached(LocalNasClient):
+    """A folder half of which has left the page cache: every other read waits on the disk."""
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.reads = 0
+
+    def read(self, rel: bytes, size: int | None = None) -> bytes:
+        self.reads += 1
+        if self.reads % 2:
+            time.sleep(0.003)
+        return super().read(rel, size)
+
+
+def test_a_folder_half_out_of_the_page_cache_stays_inline(tmp_path, threads_started):
+    """Half the reads waiting is not a share that makes reads wait: the thread's hand-overs
+    would cost every file, and on busy cores another step uses the core while one waits."""
+    files = small_files(tmp_path, 300)
+    got = consume(fetch_in_order(HalfCached(tmp_path), files, 1 << 20), work_s=0.0005)
+    assert [p for p, _, _ in got] == [f.path for f in files]
+    assert threads_started == []
+
+
 def test_large_files_are_read_ahead_from_the_start(tmp_path, threads_started):
     folder = tmp_path / "Shop" / "Big"
     folder.mkdir(parents=True)
