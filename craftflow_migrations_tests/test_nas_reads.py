@@ -188,3 +188,17 @@ def test_a_page_cache_folder_stays_inline_while_a_writer_holds_the_gil(tmp_path,
         thread.join()
     assert [p for p, _, _ in got] == [f.path for f in files]
     assert threads_started == []
+
+
+def test_sftp_reads_go_to_the_thread_from_the_first_file(tmp_path, sshd, threads_started):
+    """Every SFTP read waits a round trip: no window of files is timed inline first."""
+    from .test_nas_client import open_sftp
+
+    files = small_files(tmp_path, 40)
+    client = open_sftp(sshd, tmp_path)
+    try:
+        got = consume(fetch_in_order(client, files, 1 << 20))
+    finally:
+        client.close()
+    assert [data for _, data, _ in got] == [(tmp_path / f.path).read_bytes() for f in files]
+    assert threads_started == [40]

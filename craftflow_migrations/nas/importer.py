@@ -195,13 +195,16 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     """``(file, data, error)`` for each file in order, read inline or by :class:`ReadAhead`.
 
     The thread pays where reads wait: large files (a batch averaging ``threaded_from_bytes``
-    or more) always go through it, 3-4% faster for large designs over SFTP. For small files
-    in a local page cache it costs more than it hides: its hand-overs of the GIL cost 0.05 ms
-    a file against a 0.01 ms read. So small files are read inline and timed, and the rest go
-    through the thread as soon as a window of ``window_files`` shows them waiting (its fastest
-    quarter of reads over ``waiting_share`` of the median file's other work: SFTP's round
-    trips, 13% faster through the thread over loopback; a share mounted across a network; a
-    cold disk). A folder only partly in the page cache stays inline: with two batch steps
+    or more) always go through it, 3-4% faster for large designs over SFTP, and so does every
+    file of a client whose reads all wait on a server (``NasClient.reads_wait``: SFTP, 13%
+    faster through the thread over loopback, which reads its small files in groups; timed
+    inline first, a window of 64 files paid two round trips each, and a window whose round
+    trips came back fast enough could keep a whole batch inline). For small files in a local
+    page cache it costs more than it hides: its hand-overs of the GIL cost 0.05 ms a file
+    against a 0.01 ms read. So small files of a local folder are read inline and timed, and
+    the rest go through the thread as soon as a window of ``window_files`` shows them waiting
+    (its fastest quarter of reads over ``waiting_share`` of the median file's other work: a
+    share mounted across a network, a cold disk). A folder only partly in the page cache stays inline: with two batch steps
     on two cores, a folder whose other half came from the disk in 0.1 ms (judged by the
     median) moved to the thread, whose hand-overs cost that step 15% more CPU while the other
     step had the core during the waits anyway. A read that waited for the GIL says nothing
@@ -215,7 +218,7 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     """
     if not may_thread:
         window_files = len(files) + 1
-    elif sum(f.size for f in files) >= threaded_from_bytes * len(files) > 0:
+    elif client.reads_wait or sum(f.size for f in files) >= threaded_from_bytes * len(files) > 0:
         yield from ReadAhead(client, files, budget)
         return
     reads: list[float] = []

@@ -33,6 +33,9 @@ class Entry:
 
 class NasClient(ABC):
     description: str
+    # Every read waits on the server (a round trip at least): small files go to the read-ahead
+    # thread from the first, in groups (read_each), instead of being timed inline first.
+    reads_wait: bool = False
 
     @abstractmethod
     def scandir(self, rel: bytes) -> list[Entry]:

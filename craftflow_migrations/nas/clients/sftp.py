@@ -289,6 +289,8 @@ def verify_host_key(host: str, port: int, key: paramiko.PKey, known_hosts: str |
 class SftpNasClient(NasClient):
     """A QNAP (or any OpenSSH server) over SFTP, with host-key verification."""
 
+    reads_wait = True
+
     def __init__(self, host: str, port: int, username: str, base_path: str, password: str | None = None,
                  key_file: str | None = None, known_hosts: str | None = None,
                  host_key_fingerprint: str | None = None, timeout: float = 15.0):
