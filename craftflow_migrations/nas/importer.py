@@ -194,22 +194,25 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
                    ) -> Iterator[tuple[NasFile, bytes | None, BaseException | None]]:
     """``(file, data, error)`` for each file in order, read inline or by :class:`ReadAhead`.
 
-    The thread pays where reads wait: large files (a batch averaging ``threaded_from_bytes``
+    The thread pays where reads wait. Large files (a batch averaging ``threaded_from_bytes``
     or more) always go through it, 3-4% faster for large designs over SFTP, and so does every
     file of a client whose reads all wait on a server (``NasClient.reads_wait``: SFTP, 13%
     faster through the thread over loopback, which reads its small files in groups; timed
     inline first, a window of 64 files paid two round trips each, and a window whose round
-    trips came back fast enough could keep a whole batch inline). For small files in a local
-    page cache it costs more than it hides: its hand-overs of the GIL cost 0.05 ms a file
-    against a 0.01 ms read. So small files of a local folder are read inline and timed, and
-    the rest go through the thread as soon as a window of ``window_files`` shows them waiting
-    (its fastest quarter of reads over ``waiting_share`` of the median file's other work: a
-    share mounted across a network, a cold disk). A folder only partly in the page cache stays inline: with two batch steps
-    on two cores, a folder whose other half came from the disk in 0.1 ms (judged by the
-    median) moved to the thread, whose hand-overs cost that step 15% more CPU while the other
-    step had the core during the waits anyway. A read that waited for the GIL says nothing
-    about the NAS: a quantile shrugs off a few, and files read while ``fair()`` is false are
-    not timed at all. While the batch's writer
+    trips came back fast enough could keep a whole batch inline).
+
+    For small files in a local page cache the thread costs more than it hides: its hand-overs
+    of the GIL cost 0.05 ms a file against a 0.01 ms read. So small files of a local folder
+    are read inline and timed, and the rest go through the thread as soon as a window of
+    ``window_files`` shows them waiting: its fastest quarter of reads over ``waiting_share``
+    of the median file's other work (a share mounted across a network, a cold disk). A folder
+    only partly in the page cache stays inline: with two batch steps on two cores, a folder
+    whose other half came from the disk in 0.1 ms (judged by the median) moved to the
+    thread, whose hand-overs cost that step 7-15% more CPU while the other step had the core
+    during the waits anyway.
+
+    A read that waited for the GIL says nothing about the NAS: a quantile shrugs off a few,
+    and files read while ``fair()`` is false are not timed at all. While the batch's writer
     encodes a flush, every read (a system call, which lets go of the GIL) waits up to 5 ms to
     get it back, and a window inside one flush moved a page-cache folder to the thread (0.07 ms
     a file dearer, read back to back). Errors are handed over as the thread hands them, for
