@@ -81,6 +81,10 @@ class BufferedSocket:
         out, self._buffer = self._buffer[:n], self._buffer[n:]
         return out.tobytes()
 
+    def buffered(self) -> int:
+        """Bytes already read and not yet handed over: served without waiting."""
+        return len(self._buffer)
+
     def send(self, data: bytes) -> int:
         return self._sock.send(data)
 
@@ -102,8 +106,9 @@ class CorkedChannel:
     requests in bursts; held until a reader would wait for an answer (or 64 KB are held), a
     burst goes out as one write. A request sent while another thread already waits goes out
     at once: its answer may be what that thread waits for (paramiko's prefetch thread sends
-    the requests a reading thread waits on). Replies are read 256 KB at a time, as
-    ``BufferedSocket`` reads the socket, and handed to paramiko from that.
+    the requests a reading thread waits on). Replies are read from the channel 256 KB at a
+    time (a ``BufferedSocket`` over it), not once for each SFTP packet's length and once for
+    its body.
 
     A reader never waits for another thread's write to finish unless it has requests of its
     own to send, so a write stalled on the server's window cannot stop the reading that
@@ -111,7 +116,6 @@ class CorkedChannel:
     """
 
     HOLD_BYTES = 64 * 1024
-    READ_SIZE = 256 * 1024
 
     def __init__(self, channel: paramiko.Channel):
         self._channel = channel
@@ -120,7 +124,7 @@ class CorkedChannel:
         self._waiting = 0  # threads inside recv
         self._lock = threading.Lock()  # the held requests and the count of waiting threads
         self._sending = threading.Lock()  # one write at a time, in the order taken
-        self._buffer = memoryview(b"")
+        self._replies = BufferedSocket(channel)
 
     def send(self, data: bytes) -> int:
         with self._lock:
@@ -132,9 +136,8 @@ class CorkedChannel:
         return len(data)
 
     def recv(self, n: int) -> bytes:
-        if self._buffer:
-            out, self._buffer = self._buffer[:n], self._buffer[n:]
-            return out.tobytes()
+        if self._replies.buffered():
+            return self._replies.recv(n)
         with self._lock:
             # Nothing to read yet: what is held must go out first, or its answers never come.
             must_send = bool(self._held) and not self._channel.recv_ready()
@@ -142,14 +145,10 @@ class CorkedChannel:
         try:
             if must_send:
                 self.flush()
-            data = self._channel.recv(max(n, self.READ_SIZE))
+            return self._replies.recv(n)
         finally:
             with self._lock:
                 self._waiting -= 1
-        if len(data) <= n:
-            return data
-        self._buffer = memoryview(data)[n:]
-        return data[:n]
 
     def flush(self) -> None:
         """Send what is held, now (also a burst's closes, which nothing waits for)."""
