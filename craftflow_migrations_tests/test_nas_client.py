@@ -416,29 +416,18 @@ def test_a_request_sent_while_another_thread_waits_goes_out_at_once(tmp_path, ss
         client.close()
 
 
-def _name_reply(entries: list[tuple[bytes, int, dict]]) -> bytes:
-    """A READDIR reply (after its request number) with each entry's attributes as given."""
+def _name_reply(entries: list[tuple[bytes, dict]]) -> bytes:
+    """A READDIR reply (after its request number), each entry's attributes packed by paramiko
+    (its flags say which fields are there: only those given)."""
     msg = paramiko.Message()
     msg.add_int(len(entries))
-    for name, flags, attrs in entries:
+    for name, fields in entries:
         msg.add_string(name)
         msg.add_string(b"-rw-r--r-- 1 u g " + name)
-        msg.add_int(flags)
-        if flags & 1:
-            msg.add_int64(attrs["size"])
-        if flags & 2:
-            msg.add_int(attrs["uid"])
-            msg.add_int(attrs["gid"])
-        if flags & 4:
-            msg.add_int(attrs["mode"])
-        if flags & 8:
-            msg.add_int(attrs["atime"])
-            msg.add_int(attrs["mtime"])
-        if flags & 0x80000000:
-            msg.add_int(len(attrs["ext"]))
-            for key, value in attrs["ext"]:
-                msg.add_string(key)
-                msg.add_string(value)
+        attr = paramiko.SFTPAttributes()
+        for field, value in fields.items():
+            setattr(attr, field, value)
+        attr._pack(msg)
     return msg.asbytes()
 
 
@@ -447,17 +436,18 @@ def test_readdir_replies_are_read_as_paramiko_reads_them():
 
     from craftflow_migrations.nas.clients.sftp import _entries
 
-    full = {"size": 5 * 2**32 + 7, "uid": 0xFFFFFFFE, "gid": 100, "mode": stat.S_IFREG | 0o644,
-            "atime": 1, "mtime": 1_700_000_123, "ext": [(b"a@x", b"1"), (b"b@x", b"\xff" * 40)]}
+    full = {"st_size": 5 * 2**32 + 7, "st_uid": 0xFFFFFFFE, "st_gid": 100, "st_mode": stat.S_IFREG | 0o644,
+            "st_atime": 1, "st_mtime": 1_700_000_123}
+    extended = {**full, "attr": {b"a@x": b"1", b"b@x": b"\xff" * 40}}
     entries = [
-        (b".", 0xF | 0x80000000, {**full, "mode": stat.S_IFDIR | 0o755}),
-        (b"..", 0xF, {**full, "mode": stat.S_IFDIR | 0o755}),
-        ("café.png".encode("latin-1"), 0xF | 0x80000000, full),
-        (b"folder", 0x4 | 0x8, {**full, "mode": stat.S_IFDIR | 0o700}),
-        (b"link", 0xF, {**full, "mode": stat.S_IFLNK | 0o777}),
-        (b"fifo", 0xF, {**full, "mode": stat.S_IFIFO | 0o600}),
-        (b"no attributes", 0, {}),
-        (b"size only", 0x1, {"size": 42}),
+        (b".", {**extended, "st_mode": stat.S_IFDIR | 0o755}),
+        (b"..", {**full, "st_mode": stat.S_IFDIR | 0o755}),
+        ("café.png".encode("latin-1"), extended),
+        (b"folder", {"st_mode": stat.S_IFDIR | 0o700, "st_atime": 1, "st_mtime": 1_700_000_000}),
+        (b"link", {**full, "st_mode": stat.S_IFLNK | 0o777}),
+        (b"fifo", {**full, "st_mode": stat.S_IFIFO | 0o600}),
+        (b"no attributes", {}),
+        (b"size only", {"st_size": 42}),
     ]
     data = _name_reply(entries)
     expected = []
