@@ -9,7 +9,7 @@ import pytest
 
 from craftflow_migrations.nas.clients import HostKeyError, LocalNasClient, NasError
 from craftflow_migrations.nas.clients.sftp import SftpNasClient, fingerprint
-from craftflow_migrations.nas.listing import list_nas
+from craftflow_migrations.nas.listing import FOLDERS_AT_ONCE, list_nas
 
 from .support import noise_image
 
@@ -130,6 +130,47 @@ def test_many_partitions_listed_together_over_sftp_equal_the_local_listing(tmp_p
     assert list(some_sftp) == keys and _as_compared(some_sftp) == _as_compared(some_local)
     assert some_sftp["Gone/Nowhere"].missing
     assert max(in_flight) >= 16  # listed together, not one folder after another
+
+
+def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_together(tmp_path, sshd):
+    """A template folder of order folders (year/order/files, deeper folders, a link loop) is
+    listed a few dozen folders per exchange, never more than FOLDERS_AT_ONCE handles open at
+    once, and equals the local listing."""
+    base = tmp_path / "G"
+    orders = base / "Shop" / "Orders"
+    for i in range(400):
+        folder = orders / f"{2015 + i % 8}" / f"order {i:04d}"
+        folder.mkdir(parents=True)
+        for name in ("front.png", "back.png")[: 1 + i % 2]:
+            (folder / name).write_bytes(os.urandom(5 + i % 7))
+    (orders / "2016" / "order 0001" / "proofs" / "v1").mkdir(parents=True)
+    (orders / "2016" / "order 0001" / "proofs" / "v1" / "p.png").write_bytes(b"proof")
+    os.symlink("..", orders / "2017" / "order 0002" / "up")
+    (base / "Shop" / "Flat").mkdir()
+    (base / "Shop" / "Flat" / "one.png").write_bytes(b"flat")
+    for path in base.rglob("*.png"):
+        os.utime(path, (1_700_000_000, 1_700_000_000))  # SFTP v3 carries whole seconds
+    client = open_sftp(sshd, base)
+    exchanges = []
+    each = client.scandir_each
+
+    def counting(rels):
+        exchanges.append(len(rels))
+        return each(rels)
+
+    client.scandir_each = counting
+    try:
+        over_sftp, _ = list_nas(client)
+    finally:
+        client.close()
+    with LocalNasClient(base) as local:
+        locally, _ = list_nas(local)
+    assert _as_compared(over_sftp) == _as_compared(locally)
+    listing = over_sftp["Shop/Orders"]
+    assert len(listing.files) == 601 and listing.files[0].path == "Shop/Orders/2015/order 0000/front.png"
+    assert any("loop" in p.reason for p in listing.problems)
+    # 412 folders under the partition: a dozen exchanges, not 412 one after another.
+    assert len(exchanges) <= 12 and max(exchanges) == FOLDERS_AT_ONCE, exchanges
 
 
 def test_unknown_host_key_is_refused_with_how_to_trust_it(nas_tree, sshd, tmp_path):

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import pickle
 import uuid
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -164,71 +164,83 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
     return sorted(folders.values(), key=lambda f: f.key), problems
 
 
-def _walk_partition(client: NasClient, folder: PartitionFolder) -> Generator[bytes, list[Entry] | OSError,
-                                                                            PartitionListing]:
+class _PartitionWalk:
     """Every file under one partition folder, without following links.
 
-    Yields each folder to list and is sent its entries (or the ``OSError`` listing it
-    raised), so that many partitions can be walked with their listings in flight together.
+    The walk hands out the folders it has still to list (``take``) and is given each one's
+    entries, or the ``OSError`` listing it raised (``add``), so that the subfolders of one
+    partition, and many partitions, are listed with their requests in flight together.
     """
-    listing = PartitionListing(folder)
-    seen: dict[str, bytes] = {}
-    stack = [folder.raw]
-    while stack:
-        rel = stack.pop()
-        entries = yield rel
+
+    def __init__(self, client: NasClient, folder: PartitionFolder):
+        self.client = client
+        self.listing = PartitionListing(folder)
+        self.pending = [folder.raw]
+        self._seen: set[str] = set()
+
+    def take(self, most: int) -> list[bytes]:
+        # From the end: a deep tree keeps few folders pending, and each take costs its length.
+        rels = self.pending[-most:] if most > 0 else []
+        del self.pending[len(self.pending) - len(rels):]
+        return rels
+
+    def add(self, rel: bytes, entries: list[Entry] | OSError) -> None:
+        listing = self.listing
         if isinstance(entries, OSError):
-            exc = entries
-            if rel == folder.raw and exc.errno == errno.ENOENT:
+            if rel == listing.folder.raw and entries.errno == errno.ENOENT:
                 listing.missing = True
-                return listing
-            listing.problems.append(ListingProblem(text_of(rel), f"folder could not be listed: {_why(exc)}"))
+                return
+            listing.problems.append(ListingProblem(text_of(rel), f"folder could not be listed: {_why(entries)}"))
             listing.unlisted.append(text_of(rel))
-            continue
+            return
+        folder = listing.folder
         for e in entries:
             if is_hidden(e.name):
                 continue
             child = _join(rel, e.name)
             if e.kind == "dir":
-                stack.append(child)
+                self.pending.append(child)
             elif e.kind == "link":
-                listing.problems.append(ListingProblem(text_of(child), _link_problem(client, child)))
+                listing.problems.append(ListingProblem(text_of(child), _link_problem(self.client, child)))
             elif e.kind == "other":
                 listing.problems.append(ListingProblem(text_of(child), "not a regular file or folder; skipped"))
             else:
                 text = text_of(child)
-                if text in seen:
+                if text in self._seen:
                     listing.problems.append(ListingProblem(
                         text, "name is not UTF-8 and its stored form equals another file's name; rename it"))
                     continue
-                seen[text] = child
+                self._seen.add(text)
                 listing.files.append(NasFile(folder.shop, folder.template, text, e.size, e.mtime_us,
                                              None if is_utf8(child) else child))
-    listing.files.sort(key=lambda f: f.path)
-    return listing
+
+    def finished(self) -> PartitionListing:
+        self.listing.files.sort(key=lambda f: f.path)
+        return self.listing
 
 
 def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> dict[str, PartitionListing]:
-    """Each folder's listing: FOLDERS_AT_ONCE partitions walked together, one folder of each
-    listed per exchange (``NasClient.scandir_each``), so a NAS of thousands of small
-    partitions costs round trips in parallel, not one after another."""
+    """Each folder's listing: FOLDERS_AT_ONCE folders, of one partition or of many, listed per
+    exchange (``NasClient.scandir_each``), so a NAS of thousands of small partitions, or a
+    template folder of a thousand order folders, costs round trips in parallel, not one after
+    another, and never more than FOLDERS_AT_ONCE handles open on the NAS."""
     out: dict[str, PartitionListing] = {}
     todo = iter(folders)
-    active: list[tuple[PartitionFolder, Generator, bytes]] = []
+    active: list[_PartitionWalk] = []
     while True:
         while len(active) < FOLDERS_AT_ONCE and (folder := next(todo, None)) is not None:
-            walk = _walk_partition(client, folder)
-            active.append((folder, walk, next(walk)))
-        if not active:
+            active.append(_PartitionWalk(client, folder))
+        asked: list[tuple[_PartitionWalk, bytes]] = []
+        for walk in active:
+            asked += [(walk, rel) for rel in walk.take(FOLDERS_AT_ONCE - len(asked))]
+        if not asked:
             return out
-        still = []
-        for (folder, walk, _), entries in zip(active, client.scandir_each([rel for _, _, rel in active]),
-                                              strict=True):
-            try:
-                still.append((folder, walk, walk.send(entries)))
-            except StopIteration as finished:
-                out[folder.key] = finished.value
-        active = still
+        for (walk, rel), entries in zip(asked, client.scandir_each([rel for _, rel in asked]), strict=True):
+            walk.add(rel, entries)
+        for walk in active:
+            if not walk.pending:
+                out[walk.listing.key] = walk.finished()
+        active = [walk for walk in active if walk.pending]
 
 
 @dataclass
