@@ -270,9 +270,11 @@ def small_png(seed: int) -> bytes:
     return out.getvalue()
 
 
-def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path]:
-    """100,000 small PNGs in one folder; 3,000 folders of 2; the same 6,000 files in one folder."""
+def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path, Path]:
+    """100,000 small PNGs in one folder; 3,000 folders of 2; the same 6,000 files in one folder;
+    and again in one template folder of 3,000 order folders (``<year>/<order>/``, hard links)."""
     one, many, flat = SMALL / "one_folder", SMALL / "many_folders", SMALL / "many_flat"
+    nested = SMALL / "nested"
     if not (one / "Big Shop" / "All").is_dir() or len(os.listdir(one / "Big Shop" / "All")) != files:
         (one / "Big Shop" / "All").mkdir(parents=True, exist_ok=True)
         for i in range(files):
@@ -286,7 +288,13 @@ def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path]:
                 data = small_png(10_000_000 + 2 * i + j)
                 (folder / f"d{j}.png").write_bytes(data)
                 (flat / "Flat Shop" / "All" / f"f{i:05d}-{j}.png").write_bytes(data)
-    return one, many, flat
+    if not nested.is_dir():
+        for i in range(folders):
+            order = nested / "Nested Shop" / "Orders" / f"{2015 + i % 10}" / f"order {i:05d}"
+            order.mkdir(parents=True)
+            for j in range(2):
+                os.link(flat / "Flat Shop" / "All" / f"f{i:05d}-{j}.png", order / f"d{j}.png")
+    return one, many, flat, nested
 
 
 def hashing_cpu_seconds(paths: list[Path], passes: int = 3) -> float:
@@ -461,7 +469,7 @@ def print_run(label: str, wall: float, busy: float, phases: dict[str, float], id
 
 
 def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, folders: int) -> None:
-    one, many, flat = ensure_small_corpora(small_files, folders)
+    one, many, flat, nested = ensure_small_corpora(small_files, folders)
     print(f"\nShapes: the whole `craftflow-migrate` with MIGRATION_MODE=nas-only, {cores} cores, fresh database each:")
 
     n, cpu = len(large_files), min(ideal_cpu_seconds(large_files) for _ in range(2))  # as ideal_of
@@ -496,6 +504,11 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     rerun, _, _, _ = nas_only(server, env, "many over sshd re-run")
     print(f"  {'    re-run over sshd, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / sftp_wall:.1f}%"
           f"  (target <= 15%: {'met' if rerun <= 0.15 * sftp_wall else 'NOT met'})")
+    env = fresh_env(server, nested, sshd.env(nested))
+    nested_wall, busy, phases, _ = nas_only(server, env, "nested over sshd")
+    print_run(f"  one template, {folders:,} order folders, sshd", nested_wall, busy,
+              phases, None, None, cores)
+    print(f"  {'    one template / the folders, over sshd':44} {nested_wall / sftp_wall:7.2f}x")
 
     n, cpu = ideal_of(one)
     env = fresh_env(server, one)
