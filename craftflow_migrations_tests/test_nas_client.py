@@ -7,6 +7,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
+from craftflow_migrations.nas import listing as listing_module
 from craftflow_migrations.nas.clients import HostKeyError, LocalNasClient, NasError
 from craftflow_migrations.nas.clients.sftp import SftpNasClient, fingerprint
 from craftflow_migrations.nas.listing import FOLDERS_AT_ONCE, list_nas
@@ -132,10 +133,11 @@ def test_many_partitions_listed_together_over_sftp_equal_the_local_listing(tmp_p
     assert max(in_flight) >= 16  # listed together, not one folder after another
 
 
-def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_together(tmp_path, sshd):
-    """A template folder of order folders (year/order/files, deeper folders, a link loop) is
+def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_together(tmp_path, sshd, monkeypatch):
+    """A template folder of order folders (year/order/files, deeper folders, links, a loop) is
     listed a few dozen folders per exchange, never more than FOLDERS_AT_ONCE handles open at
-    once, and equals the local listing."""
+    once, and equals the local listing and a one-folder-at-a-time walk, problems in the same
+    order and the same fingerprint (an unchanged folder must stay unchanged)."""
     base = tmp_path / "G"
     orders = base / "Shop" / "Orders"
     for i in range(400):
@@ -146,6 +148,9 @@ def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_tog
     (orders / "2016" / "order 0001" / "proofs" / "v1").mkdir(parents=True)
     (orders / "2016" / "order 0001" / "proofs" / "v1" / "p.png").write_bytes(b"proof")
     os.symlink("..", orders / "2017" / "order 0002" / "up")
+    for i in range(0, 400, 37):
+        os.symlink("front.png", orders / f"{2015 + i % 8}" / f"order {i:04d}" / "alias.png")
+    os.mkfifo(orders / "2019" / "order 0004" / "pipe")
     (base / "Shop" / "Flat").mkdir()
     (base / "Shop" / "Flat" / "one.png").write_bytes(b"flat")
     for path in base.rglob("*.png"):
@@ -165,10 +170,13 @@ def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_tog
         client.close()
     with LocalNasClient(base) as local:
         locally, _ = list_nas(local)
-    assert _as_compared(over_sftp) == _as_compared(locally)
+        monkeypatch.setattr(listing_module, "FOLDERS_AT_ONCE", 1)
+        one_at_a_time, _ = list_nas(local)
+    assert _as_compared(over_sftp) == _as_compared(locally) == _as_compared(one_at_a_time)
     listing = over_sftp["Shop/Orders"]
     assert len(listing.files) == 601 and listing.files[0].path == "Shop/Orders/2015/order 0000/front.png"
-    assert any("loop" in p.reason for p in listing.problems)
+    reasons = [p.reason for p in listing.problems]
+    assert len(reasons) == 13 and any("loop" in r for r in reasons) and any("not a regular file" in r for r in reasons)
     # 412 folders under the partition: a dozen exchanges, not 412 one after another.
     assert len(exchanges) <= 12 and max(exchanges) == FOLDERS_AT_ONCE, exchanges
 

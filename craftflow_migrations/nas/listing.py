@@ -169,14 +169,17 @@ class _PartitionWalk:
 
     The walk hands out the folders it has still to list (``take``) and is given each one's
     entries, or the ``OSError`` listing it raised (``add``), so that the subfolders of one
-    partition, and many partitions, are listed with their requests in flight together.
+    partition, and many partitions, are listed with their requests in flight together. What
+    the entries mean is decided at the end (``finished``), folder by folder in depth-first
+    order: the problems' order (and so the fingerprint), and which of two names with the same
+    stored text is kept, never depend on how the folders were fetched.
     """
 
     def __init__(self, client: NasClient, folder: PartitionFolder):
         self.client = client
-        self.listing = PartitionListing(folder)
+        self.folder = folder
         self.pending = [folder.raw]
-        self._seen: set[str] = set()
+        self._listed: dict[bytes, list[Entry] | OSError] = {}
 
     def take(self, most: int) -> list[bytes]:
         # From the end: a deep tree keeps few folders pending, and each take costs its length.
@@ -185,38 +188,45 @@ class _PartitionWalk:
         return rels
 
     def add(self, rel: bytes, entries: list[Entry] | OSError) -> None:
-        listing = self.listing
-        if isinstance(entries, OSError):
-            if rel == listing.folder.raw and entries.errno == errno.ENOENT:
-                listing.missing = True
-                return
-            listing.problems.append(ListingProblem(text_of(rel), f"folder could not be listed: {_why(entries)}"))
-            listing.unlisted.append(text_of(rel))
-            return
-        folder = listing.folder
-        for e in entries:
-            if is_hidden(e.name):
-                continue
-            child = _join(rel, e.name)
-            if e.kind == "dir":
-                self.pending.append(child)
-            elif e.kind == "link":
-                listing.problems.append(ListingProblem(text_of(child), _link_problem(self.client, child)))
-            elif e.kind == "other":
-                listing.problems.append(ListingProblem(text_of(child), "not a regular file or folder; skipped"))
-            else:
-                text = text_of(child)
-                if text in self._seen:
-                    listing.problems.append(ListingProblem(
-                        text, "name is not UTF-8 and its stored form equals another file's name; rename it"))
-                    continue
-                self._seen.add(text)
-                listing.files.append(NasFile(folder.shop, folder.template, text, e.size, e.mtime_us,
-                                             None if is_utf8(child) else child))
+        self._listed[rel] = entries
+        if not isinstance(entries, OSError):
+            self.pending += [_join(rel, e.name) for e in entries if e.kind == "dir" and not is_hidden(e.name)]
 
     def finished(self) -> PartitionListing:
-        self.listing.files.sort(key=lambda f: f.path)
-        return self.listing
+        folder, listing = self.folder, PartitionListing(self.folder)
+        seen: set[str] = set()
+        stack = [folder.raw]
+        while stack:
+            rel = stack.pop()
+            entries = self._listed.pop(rel)
+            if isinstance(entries, OSError):
+                if rel == folder.raw and entries.errno == errno.ENOENT:
+                    listing.missing = True
+                    return listing
+                listing.problems.append(ListingProblem(text_of(rel), f"folder could not be listed: {_why(entries)}"))
+                listing.unlisted.append(text_of(rel))
+                continue
+            for e in entries:
+                if is_hidden(e.name):
+                    continue
+                child = _join(rel, e.name)
+                if e.kind == "dir":
+                    stack.append(child)
+                elif e.kind == "link":
+                    listing.problems.append(ListingProblem(text_of(child), _link_problem(self.client, child)))
+                elif e.kind == "other":
+                    listing.problems.append(ListingProblem(text_of(child), "not a regular file or folder; skipped"))
+                else:
+                    text = text_of(child)
+                    if text in seen:
+                        listing.problems.append(ListingProblem(
+                            text, "name is not UTF-8 and its stored form equals another file's name; rename it"))
+                        continue
+                    seen.add(text)
+                    listing.files.append(NasFile(folder.shop, folder.template, text, e.size, e.mtime_us,
+                                                 None if is_utf8(child) else child))
+        listing.files.sort(key=lambda f: f.path)
+        return listing
 
 
 def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> dict[str, PartitionListing]:
@@ -239,7 +249,7 @@ def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> di
             walk.add(rel, entries)
         for walk in active:
             if not walk.pending:
-                out[walk.listing.key] = walk.finished()
+                out[walk.folder.key] = walk.finished()
         active = [walk for walk in active if walk.pending]
 
 
