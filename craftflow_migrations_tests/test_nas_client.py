@@ -181,6 +181,52 @@ def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_tog
     assert len(exchanges) <= 12 and max(exchanges) == FOLDERS_AT_ONCE, exchanges
 
 
+def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, sshd):
+    """Every kind of link (inside, outside, broken, a loop, to a folder, a chain) resolves as
+    the local backend resolves it, a partition's links in one exchange, not two waits each."""
+    base = tmp_path / "G"
+    folder = base / "Shop" / "T"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"a")
+    os.utime(folder / "a.png", (1_700_000_000, 1_700_000_000))  # SFTP v3 carries whole seconds
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"o")
+    kinds = {"alias.png": "a.png", "chain.png": "alias.png", "out.png": str(outside), "broken.png": "gone.png",
+             "loop.png": "loop.png", "dir link": "sub", "up": "..", "ping": "pong", "pong": "ping"}
+    for i in range(30):
+        for name, target in kinds.items():
+            if i == 0 or name == "alias.png":
+                os.symlink(target, folder / (name if i == 0 else f"{i} {name}"))
+    client = open_sftp(sshd, base)
+    rels = sorted(p.relative_to(base).as_posix().encode() for p in folder.iterdir() if p.is_symlink())
+    in_flight, calls = [], []
+    send, each = client.sftp._async_request, client.resolve_each
+
+    def counting(*args, **kwargs):
+        number = send(*args, **kwargs)
+        in_flight.append(len(client.sftp._expecting))
+        return number
+
+    def resolving(links):
+        calls.append(len(links))
+        return each(links)
+
+    client.sftp._async_request, client.resolve_each = counting, resolving
+    try:
+        over_sftp = client.resolve_each(rels)
+        listed, _ = list_nas(client)
+    finally:
+        client.close()
+    with LocalNasClient(base) as local:
+        assert over_sftp == [local.resolve(rel) for rel in rels]
+        locally, _ = list_nas(local)
+    assert _as_compared(listed) == _as_compared(locally)
+    assert dict(zip(rels, over_sftp, strict=True))[b"Shop/T/chain.png"] == b"Shop/T/a.png"
+    assert {over_sftp[rels.index(f"Shop/T/{n}".encode())] for n in ("broken.png", "loop.png", "ping")} == {None}
+    assert max(in_flight) >= len(rels)  # all of them at once, not one after another
+    assert calls == [len(rels), len(rels)]  # the listing resolved the partition's links together
+
+
 def test_unknown_host_key_is_refused_with_how_to_trust_it(nas_tree, sshd, tmp_path):
     empty = tmp_path / "known_hosts"
     empty.write_text("")

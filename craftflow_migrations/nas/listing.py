@@ -110,8 +110,8 @@ def _why(exc: OSError) -> str:
     return exc.strerror or str(exc) or type(exc).__name__
 
 
-def _link_problem(client: NasClient, rel: bytes) -> str:
-    target = client.resolve(rel)
+def _link_problem(rel: bytes, target: bytes | None) -> str:
+    """What a link at ``rel`` is, from where it leads (``NasClient.resolve``)."""
     if target is None:
         return "symbolic link that is broken or loops; not followed"
     if target == b".." or target.startswith(b"../"):
@@ -136,7 +136,7 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
         if is_hidden(shop.name):
             continue
         if shop.kind == "link":
-            problems.append(ListingProblem(text_of(shop.name), _link_problem(client, shop.name)))
+            problems.append(ListingProblem(text_of(shop.name), _link_problem(shop.name, client.resolve(shop.name))))
         elif shop.kind == "dir":
             shop_dirs.append(shop)
     scanned = [result for i in range(0, len(shop_dirs), FOLDERS_AT_ONCE)
@@ -150,7 +150,7 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
             if is_hidden(template.name):
                 continue
             if template.kind == "link":
-                problems.append(ListingProblem(text_of(rel), _link_problem(client, rel)))
+                problems.append(ListingProblem(text_of(rel), _link_problem(rel, client.resolve(rel))))
                 continue
             if template.kind != "dir":
                 continue
@@ -175,8 +175,7 @@ class _PartitionWalk:
     stored text is kept, never depend on how the folders were fetched.
     """
 
-    def __init__(self, client: NasClient, folder: PartitionFolder):
-        self.client = client
+    def __init__(self, folder: PartitionFolder):
         self.folder = folder
         self.pending = [folder.raw]
         self._listed: dict[bytes, list[Entry] | OSError] = {}
@@ -192,7 +191,12 @@ class _PartitionWalk:
         if not isinstance(entries, OSError):
             self.pending += [_join(rel, e.name) for e in entries if e.kind == "dir" and not is_hidden(e.name)]
 
-    def finished(self) -> PartitionListing:
+    def links(self) -> list[bytes]:
+        """Every link listed so far: resolved together (``NasClient.resolve_each``), then given to ``finished``."""
+        return [_join(rel, e.name) for rel, entries in self._listed.items() if not isinstance(entries, OSError)
+                for e in entries if e.kind == "link" and not is_hidden(e.name)]
+
+    def finished(self, targets: dict[bytes, bytes | None]) -> PartitionListing:
         folder, listing = self.folder, PartitionListing(self.folder)
         seen: set[str] = set()
         stack = [folder.raw]
@@ -213,7 +217,7 @@ class _PartitionWalk:
                 if e.kind == "dir":
                     stack.append(child)
                 elif e.kind == "link":
-                    listing.problems.append(ListingProblem(text_of(child), _link_problem(self.client, child)))
+                    listing.problems.append(ListingProblem(text_of(child), _link_problem(child, targets[child])))
                 elif e.kind == "other":
                     listing.problems.append(ListingProblem(text_of(child), "not a regular file or folder; skipped"))
                 else:
@@ -239,7 +243,7 @@ def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> di
     active: list[_PartitionWalk] = []
     while True:
         while len(active) < FOLDERS_AT_ONCE and (folder := next(todo, None)) is not None:
-            active.append(_PartitionWalk(client, folder))
+            active.append(_PartitionWalk(folder))
         asked: list[tuple[_PartitionWalk, bytes]] = []
         for walk in active:
             asked += [(walk, rel) for rel in walk.take(FOLDERS_AT_ONCE - len(asked))]
@@ -247,9 +251,11 @@ def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> di
             return out
         for (walk, rel), entries in zip(asked, client.scandir_each([rel for _, rel in asked]), strict=True):
             walk.add(rel, entries)
-        for walk in active:
-            if not walk.pending:
-                out[walk.folder.key] = walk.finished()
+        done = [walk for walk in active if not walk.pending]
+        links = [rel for walk in done for rel in walk.links()]
+        targets = dict(zip(links, client.resolve_each(links), strict=True)) if links else {}
+        for walk in done:
+            out[walk.folder.key] = walk.finished(targets)
         active = [walk for walk in active if walk.pending]
 
 

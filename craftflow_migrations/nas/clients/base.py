@@ -81,6 +81,11 @@ class NasClient(ABC):
     def resolve(self, rel: bytes) -> bytes | None:
         """Where a link leads, relative to the base (``b"../x"`` when outside); None if broken or a loop."""
 
+    def resolve_each(self, rels: Sequence[bytes]) -> list[bytes | None]:
+        """``resolve`` of each link, in order. A backend may resolve them with their requests
+        in flight together; this one resolves a link at a time."""
+        return [self.resolve(rel) for rel in rels]
+
     def connected(self) -> bool:
         """Whether the connection still works (a failed read is then the file's fault)."""
         return True

@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import paramiko
 from paramiko.sftp import (
+    CMD_ATTRS,
     CMD_CLOSE,
     CMD_DATA,
     CMD_HANDLE,
@@ -37,6 +38,7 @@ from paramiko.sftp import (
     CMD_READ,
     CMD_READDIR,
     CMD_REALPATH,
+    CMD_STAT,
     CMD_STATUS,
     SFTP_FLAG_READ,
     int64,
@@ -55,6 +57,8 @@ FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com")
 # files over loopback sshd, alternated, 0.17-0.23 ms a file in groups of 16, 0.149-0.151 in 32,
 # 0.138-0.186 in 64. A group is read ahead of the read-ahead budget: at most 32 x 255 KB.
 PIPELINED_FILES = 32
+# Links resolved per exchange (``resolve_each``): two small requests each, no handle held.
+RESOLVED_AT_ONCE = 256
 
 
 class BufferedSocket:
@@ -409,13 +413,32 @@ class SftpNasClient(NasClient):
         return out
 
     def resolve(self, rel: bytes) -> bytes | None:
-        try:
-            real = self._realpath(self._abs(rel))
-            # OpenSSH resolves only existing paths; a dangling link or a loop fails here.
-            self.sftp.stat(real)
-        except OSError:
-            return None
-        return posixpath.relpath(real, self._real_base)
+        [target] = self.resolve_each([rel])
+        return target
+
+    def resolve_each(self, rels: Sequence[bytes]) -> list[bytes | None]:
+        """Every link's REALPATH sent together, then a STAT of every answer together.
+
+        One at a time, a link cost two waits for sshd, on every listing of its folder: 2,000
+        links in 100 small partitions took 0.8-1.5 s to list over loopback sshd. OpenSSH
+        resolves only existing paths; a dangling link or a loop fails one of the two.
+        """
+        sftp, replies = self.sftp, _Replies()
+        out: list[bytes | None] = [None] * len(rels)
+        for first in range(0, len(rels), RESOLVED_AT_ONCE):
+            asked = [(i, sftp._async_request(replies, CMD_REALPATH, self._abs(rels[i])))
+                     for i in range(first, min(first + RESOLVED_AT_ONCE, len(rels)))]
+            real: dict[int, bytes] = {}
+            for i, number in asked:
+                kind, msg = self._reply(replies, number)
+                if kind == CMD_NAME and msg.get_int() == 1:
+                    real[i] = msg.get_string()
+            stats = [(i, sftp._async_request(replies, CMD_STAT, path)) for i, path in real.items()]
+            for i, number in stats:
+                kind, _ = self._reply(replies, number)
+                if kind == CMD_ATTRS:
+                    out[i] = posixpath.relpath(real[i], self._real_base)
+        return out
 
     def connected(self) -> bool:
         # paramiko's transport thread closes its channels before it marks itself inactive: in
