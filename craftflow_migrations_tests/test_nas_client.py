@@ -183,7 +183,8 @@ def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_tog
 
 def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, sshd):
     """Every kind of link (inside, outside, broken, a loop, to a folder, a chain) resolves as
-    the local backend resolves it, a partition's links in one exchange, not two waits each."""
+    the local backend resolves it, a partition's links in one exchange, not two waits each, and
+    so do shops and templates that are links."""
     base = tmp_path / "G"
     folder = base / "Shop" / "T"
     (folder / "sub").mkdir(parents=True)
@@ -197,6 +198,8 @@ def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, ssh
         for name, target in kinds.items():
             if i == 0 or name == "alias.png":
                 os.symlink(target, folder / (name if i == 0 else f"{i} {name}"))
+    os.symlink("Shop", base / "Alias Shop")  # a shop and a template that are links
+    os.symlink("T", base / "Shop" / "Shared T")
     client = open_sftp(sshd, base)
     rels = sorted(p.relative_to(base).as_posix().encode() for p in folder.iterdir() if p.is_symlink())
     in_flight, calls = [], []
@@ -214,17 +217,17 @@ def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, ssh
     client.sftp._async_request, client.resolve_each = counting, resolving
     try:
         over_sftp = client.resolve_each(rels)
-        listed, _ = list_nas(client)
+        listed, top = list_nas(client)
     finally:
         client.close()
     with LocalNasClient(base) as local:
         assert over_sftp == [local.resolve(rel) for rel in rels]
-        locally, _ = list_nas(local)
-    assert _as_compared(listed) == _as_compared(locally)
+        locally, local_top = list_nas(local)
+    assert _as_compared(listed) == _as_compared(locally) and top == local_top and len(top) == 2
     assert dict(zip(rels, over_sftp, strict=True))[b"Shop/T/chain.png"] == b"Shop/T/a.png"
     assert {over_sftp[rels.index(f"Shop/T/{n}".encode())] for n in ("broken.png", "loop.png", "ping")} == {None}
     assert max(in_flight) >= len(rels)  # all of them at once, not one after another
-    assert calls == [len(rels), len(rels)]  # the listing resolved the partition's links together
+    assert calls == [len(rels), 2, len(rels)]  # the listing: the top level's links together, then the partition's
 
 
 def test_unknown_host_key_is_refused_with_how_to_trust_it(nas_tree, sshd, tmp_path):

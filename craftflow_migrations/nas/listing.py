@@ -131,16 +131,17 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
                        "(check NAS_BASE_PATH and the NAS user's permissions)") from None
     folders: dict[str, PartitionFolder] = {}
     problems: list[ListingProblem] = []
-    shop_dirs = []
-    for shop in sorted(shops, key=lambda e: e.name):
-        if is_hidden(shop.name):
-            continue
-        if shop.kind == "link":
-            problems.append(ListingProblem(text_of(shop.name), _link_problem(shop.name, client.resolve(shop.name))))
-        elif shop.kind == "dir":
-            shop_dirs.append(shop)
+    shops = sorted((e for e in shops if not is_hidden(e.name)), key=lambda e: e.name)
+    shop_dirs = [shop for shop in shops if shop.kind == "dir"]
     scanned = [result for i in range(0, len(shop_dirs), FOLDERS_AT_ONCE)
                for result in client.scandir_each([s.name for s in shop_dirs[i:i + FOLDERS_AT_ONCE]])]
+    # Shops and templates that are links, resolved together (shops sharing templates by links).
+    links = [shop.name for shop in shops if shop.kind == "link"]
+    links += [_join(shop.name, t.name) for shop, templates in zip(shop_dirs, scanned, strict=True)
+              if not isinstance(templates, OSError) for t in templates if t.kind == "link" and not is_hidden(t.name)]
+    targets = dict(zip(links, client.resolve_each(links), strict=True)) if links else {}
+    problems += [ListingProblem(text_of(shop.name), _link_problem(shop.name, targets[shop.name]))
+                 for shop in shops if shop.kind == "link"]
     for shop, templates in zip(shop_dirs, scanned, strict=True):
         if isinstance(templates, OSError):
             problems.append(ListingProblem(text_of(shop.name), f"shop folder could not be listed: {_why(templates)}"))
@@ -150,7 +151,7 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
             if is_hidden(template.name):
                 continue
             if template.kind == "link":
-                problems.append(ListingProblem(text_of(rel), _link_problem(rel, client.resolve(rel))))
+                problems.append(ListingProblem(text_of(rel), _link_problem(rel, targets[rel])))
                 continue
             if template.kind != "dir":
                 continue
