@@ -84,6 +84,19 @@ def test_listing_a_large_folder_takes_few_round_trips(tmp_path, sshd):
     assert requests < 5000 / 50, f"{requests} SFTP requests for 5000 files"
 
 
+def _recorded(obj, name: str, value) -> list:
+    """Wrap the method ``obj.name``: after each call, ``value(*its arguments)`` is appended to the list returned."""
+    seen, method = [], getattr(obj, name)
+
+    def recording(*args, **kwargs):
+        result = method(*args, **kwargs)
+        seen.append(value(*args))
+        return result
+
+    setattr(obj, name, recording)
+    return seen
+
+
 def _as_compared(listings) -> dict:
     return {key: (li.files, li.problems, li.unlisted, li.missing, li.fingerprint) for key, li in listings.items()}
 
@@ -108,15 +121,7 @@ def test_many_partitions_listed_together_over_sftp_equal_the_local_listing(tmp_p
     for path in base.rglob("*.png"):
         os.utime(path, (1_700_000_000, 1_700_000_000 + len(path.name)))  # SFTP v3 carries whole seconds
     client = open_sftp(sshd, base)
-    in_flight = []
-    send = client.sftp._async_request
-
-    def counting(*args, **kwargs):
-        number = send(*args, **kwargs)
-        in_flight.append(len(client.sftp._expecting))
-        return number
-
-    client.sftp._async_request = counting
+    in_flight = _recorded(client.sftp, "_async_request", lambda *_: len(client.sftp._expecting))
     keys = ["Shop 39/T2", "Shop 00/T1", "Gone/Nowhere", "Shop 05/T0"]
     try:
         over_sftp, sftp_problems = list_nas(client)
@@ -156,14 +161,7 @@ def test_a_partition_of_many_subfolders_is_listed_with_its_folders_in_flight_tog
     for path in base.rglob("*.png"):
         os.utime(path, (1_700_000_000, 1_700_000_000))  # SFTP v3 carries whole seconds
     client = open_sftp(sshd, base)
-    exchanges = []
-    each = client.scandir_each
-
-    def counting(rels):
-        exchanges.append(len(rels))
-        return each(rels)
-
-    client.scandir_each = counting
+    exchanges = _recorded(client, "scandir_each", len)
     try:
         over_sftp, _ = list_nas(client)
     finally:
@@ -202,19 +200,8 @@ def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, ssh
     os.symlink("T", base / "Shop" / "Shared T")
     client = open_sftp(sshd, base)
     rels = sorted(p.relative_to(base).as_posix().encode() for p in folder.iterdir() if p.is_symlink())
-    in_flight, calls = [], []
-    send, each = client.sftp._async_request, client.resolve_each
-
-    def counting(*args, **kwargs):
-        number = send(*args, **kwargs)
-        in_flight.append(len(client.sftp._expecting))
-        return number
-
-    def resolving(links):
-        calls.append(len(links))
-        return each(links)
-
-    client.sftp._async_request, client.resolve_each = counting, resolving
+    in_flight = _recorded(client.sftp, "_async_request", lambda *_: len(client.sftp._expecting))
+    calls = _recorded(client, "resolve_each", len)
     try:
         over_sftp = client.resolve_each(rels)
         listed, top = list_nas(client)
@@ -461,14 +448,7 @@ def test_requests_in_flight_together_go_out_in_few_writes(tmp_path, sshd):
             (base / f"S{shop}" / f"T{template}" / "a.png").write_bytes(os.urandom(300 + template))
     client = open_sftp(sshd, base)
     channel = client.sftp.sock
-    writes = []
-    sendall = channel._channel.sendall
-
-    def counting(data):
-        writes.append(len(data))
-        sendall(data)
-
-    channel._channel.sendall = counting
+    writes = _recorded(channel._channel, "sendall", len)
     try:
         fds = _descendants_open_fds(sshd.proc.pid)
         before = client.sftp.request_number
