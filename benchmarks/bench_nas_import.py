@@ -344,8 +344,8 @@ def postgres_cpu_seconds() -> float:
 def per_file_cost(server, sshd, root: Path, count: int) -> None:
     """One batch of ``count`` small files through ``import_batch`` in this process: ms a file of
     hashing alone, and of the import (this process, PostgreSQL; each the fastest of three
-    passes, alternated), against the target of at most 0.05 ms a file beyond hashing; then the same batch
-    read over the benchmark's sshd."""
+    passes, alternated), against the target of at most 0.05 ms a file beyond hashing; then
+    the same batch read over the benchmark's sshd."""
     from datetime import datetime, timezone
 
     from craftflow_migrations.db import get_engine

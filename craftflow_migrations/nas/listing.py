@@ -136,12 +136,12 @@ def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], li
     scanned = [result for i in range(0, len(shop_dirs), FOLDERS_AT_ONCE)
                for result in client.scandir_each([s.name for s in shop_dirs[i:i + FOLDERS_AT_ONCE]])]
     # Shops and templates that are links, resolved together (shops sharing templates by links).
-    links = [shop.name for shop in shops if shop.kind == "link"]
-    links += [_join(shop.name, t.name) for shop, templates in zip(shop_dirs, scanned, strict=True)
-              if not isinstance(templates, OSError) for t in templates if t.kind == "link" and not is_hidden(t.name)]
+    shop_links = [shop.name for shop in shops if shop.kind == "link"]
+    links = shop_links + [_join(shop.name, t.name) for shop, templates in zip(shop_dirs, scanned, strict=True)
+                          if not isinstance(templates, OSError)
+                          for t in templates if t.kind == "link" and not is_hidden(t.name)]
     targets = dict(zip(links, client.resolve_each(links), strict=True)) if links else {}
-    problems += [ListingProblem(text_of(shop.name), _link_problem(shop.name, targets[shop.name]))
-                 for shop in shops if shop.kind == "link"]
+    problems += [ListingProblem(text_of(name), _link_problem(name, targets[name])) for name in shop_links]
     for shop, templates in zip(shop_dirs, scanned, strict=True):
         if isinstance(templates, OSError):
             problems.append(ListingProblem(text_of(shop.name), f"shop folder could not be listed: {_why(templates)}"))
@@ -179,6 +179,7 @@ class _PartitionWalk:
     def __init__(self, folder: PartitionFolder):
         self.folder = folder
         self.pending = [folder.raw]
+        self.links: list[bytes] = []  # resolved together (``NasClient.resolve_each``), then given to ``finished``
         self._listed: dict[bytes, list[Entry] | OSError] = {}
 
     def take(self, most: int) -> list[bytes]:
@@ -190,12 +191,13 @@ class _PartitionWalk:
     def add(self, rel: bytes, entries: list[Entry] | OSError) -> None:
         self._listed[rel] = entries
         if not isinstance(entries, OSError):
-            self.pending += [_join(rel, e.name) for e in entries if e.kind == "dir" and not is_hidden(e.name)]
-
-    def links(self) -> list[bytes]:
-        """Every link listed so far: resolved together (``NasClient.resolve_each``), then given to ``finished``."""
-        return [_join(rel, e.name) for rel, entries in self._listed.items() if not isinstance(entries, OSError)
-                for e in entries if e.kind == "link" and not is_hidden(e.name)]
+            for e in entries:
+                if is_hidden(e.name):
+                    continue
+                if e.kind == "dir":
+                    self.pending.append(_join(rel, e.name))
+                elif e.kind == "link":
+                    self.links.append(_join(rel, e.name))
 
     def finished(self, targets: dict[bytes, bytes | None]) -> PartitionListing:
         folder, listing = self.folder, PartitionListing(self.folder)
@@ -253,7 +255,7 @@ def list_partitions(client: NasClient, folders: Sequence[PartitionFolder]) -> di
         for (walk, rel), entries in zip(asked, client.scandir_each([rel for _, rel in asked]), strict=True):
             walk.add(rel, entries)
         done = [walk for walk in active if not walk.pending]
-        links = [rel for walk in done for rel in walk.links()]
+        links = [rel for walk in done for rel in walk.links]
         targets = dict(zip(links, client.resolve_each(links), strict=True)) if links else {}
         for walk in done:
             out[walk.folder.key] = walk.finished(targets)
