@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -277,3 +278,51 @@ def import_local_folder(url: str, base: Path, keys: list[str] | None = None, cli
     with engine.begin() as conn:  # what the summary step does after the batches
         store.mark_shops_changed(conn, {s.shop for s in scans})
     return {"scans": {s.key: s for s in scans}, "result": result, "listings": listings}
+
+
+def can_mount_sshfs() -> str | None:
+    """Why an sshfs mount cannot be made here, or None (it needs FUSE and root or fuse's setuid helper)."""
+    if not shutil.which("sshfs"):
+        return "sshfs is not installed: run scripts/setup.sh (apt-get install sshfs)"
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse on this machine"
+    return None
+
+
+class SshfsMount:
+    """``folder`` mounted over the loopback sshd with sshfs: a share across a network, as an
+    SMB or NFS mount is, for the local backend (every folder a round trip over SFTP)."""
+
+    def __init__(self, sshd: SshServer, folder: Path, mountpoint: Path) -> None:
+        self.path = mountpoint
+        mountpoint.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["sshfs", "-p", str(sshd.port), "-o", f"IdentityFile={sshd.user_key}",
+             "-o", f"UserKnownHostsFile={sshd.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+             "-o", "BatchMode=yes", f"{sshd.user}@127.0.0.1:{folder}", str(mountpoint)],
+            check=True, capture_output=True, timeout=30)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        unmount = shutil.which("fusermount3") or shutil.which("fusermount") or "fusermount"
+        subprocess.run([unmount, "-u", "-z", str(self.path)], capture_output=True, timeout=30)
+
+
+def most_at_once(obj: object, name: str) -> list[int]:
+    """Wrap the method ``obj.name``: the list returned holds the most calls ever running at once."""
+    lock, running, most, method = threading.Lock(), [0], [0], getattr(obj, name)
+
+    def counting(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return method(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    setattr(obj, name, counting)
+    return most

@@ -12,7 +12,7 @@ from craftflow_migrations.nas.clients import HostKeyError, LocalNasClient, NasEr
 from craftflow_migrations.nas.clients.sftp import SftpNasClient, fingerprint
 from craftflow_migrations.nas.listing import FOLDERS_AT_ONCE, list_nas
 
-from .support import noise_image
+from .support import SshfsMount, can_mount_sshfs, most_at_once, noise_image
 
 ODD_SHOP = "Ünïcode 'Shop' \"Q\" & co"
 ODD_TEMPLATE = "Poster, 50×70 (matte)"
@@ -215,6 +215,43 @@ def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, ssh
     assert {over_sftp[rels.index(f"Shop/T/{n}".encode())] for n in ("broken.png", "loop.png", "ping")} == {None}
     assert max(in_flight) >= len(rels)  # all of them at once, not one after another
     assert calls == [len(rels), 2, len(rels)]  # the listing: the top level's links together, then the partition's
+
+
+@pytest.mark.skipif(can_mount_sshfs() is not None, reason=str(can_mount_sshfs()))
+def test_a_share_mounted_across_a_network_is_listed_with_its_folders_in_flight_together(tmp_path, sshd):
+    """A NAS mounted over the network (here sshfs over the loopback sshd, as SMB or NFS would
+    be) waits a round trip per folder: its folders are listed by threads, many at once, once
+    the first ones show the waiting; a folder on this machine's own disk stays on one thread.
+    Both list exactly the same, problems, odd names and fingerprints included."""
+    base = tmp_path / "G"
+    for shop in range(30):
+        for template in range(2):
+            folder = base / f"Shop {shop:02d}" / f"T{template}"
+            for order in range(4):
+                (folder / f"{2020 + order}" / f"order {order}").mkdir(parents=True)
+                (folder / f"{2020 + order}" / f"order {order}" / "front.png").write_bytes(os.urandom(10 + order))
+            (folder / "a.png").write_bytes(b"a")
+            if shop % 5 == 0:
+                os.symlink("a.png", folder / "alias.png")
+                os.symlink("loop.png", folder / "2020" / "loop.png")  # (sshfs refuses to read a link to "../")
+                (folder / "caf\xe9.png".encode("latin-1").decode("utf-8", "surrogateescape")).write_bytes(b"l1")
+    os.symlink("Shop 00", base / "Alias Shop")
+    for path in base.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.utime(path, (1_700_000_000, 1_700_000_000))  # SFTP v3 carries whole seconds
+    with LocalNasClient(base) as local:
+        locally_most = most_at_once(local, "scandir")
+        locally, local_top = list_nas(local)
+        assert local.share_waits is False and locally_most[0] == 1
+    with SshfsMount(sshd, base, tmp_path / "mnt") as mounted_path, LocalNasClient(mounted_path) as mounted:
+        most = most_at_once(mounted, "scandir")
+        listed, top = list_nas(mounted)
+        assert mounted.share_waits is True and most[0] > 4, most
+    assert _as_compared(listed) == _as_compared(locally) and top == local_top
+    assert sum(len(li.files) for li in listed.values()) == 60 * 5 + 12  # a.png, 4 orders, and 12 Latin-1 names
+    reasons = {p.reason for li in listed.values() for p in li.problems}
+    assert {"symbolic link that is broken or loops; not followed",
+            "symbolic link to 'Shop 00/T0/a.png', imported under its own path; not followed"} <= reasons
 
 
 def test_unknown_host_key_is_refused_with_how_to_trust_it(nas_tree, sshd, tmp_path):

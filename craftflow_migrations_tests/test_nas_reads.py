@@ -19,7 +19,7 @@ from craftflow_migrations.nas.clients import LocalNasClient
 from craftflow_migrations.nas.importer import fetch_in_order
 from craftflow_migrations.nas.listing import NasFile, list_nas
 
-from .support import noise_image
+from .support import SshfsMount, can_mount_sshfs, most_at_once, noise_image
 
 
 class SlowShare(LocalNasClient):
@@ -202,3 +202,23 @@ def test_sftp_reads_go_to_the_thread_from_the_first_file(tmp_path, sshd, threads
         client.close()
     assert [data for _, data, _ in got] == [(tmp_path / f.path).read_bytes() for f in files]
     assert threads_started == [40]
+
+
+@pytest.mark.skipif(can_mount_sshfs() is not None, reason=str(can_mount_sshfs()))
+def test_a_mounted_share_reads_its_small_files_many_at_once(tmp_path, sshd, threads_started):
+    """A share mounted across a network (sshfs over the loopback sshd): once a window of reads
+    shows the waits, the read-ahead thread reads small files in groups on the share's threads,
+    a large file alone; every file's bytes and errors as read one by one, in order."""
+    files = small_files(tmp_path / "nas", 300)
+    big = tmp_path / "nas" / "Shop" / "All" / "zz big.png"
+    noise_image(700, 500, seed=9, mode="RGB").save(big, compress_level=0)
+    files = listed(tmp_path / "nas")
+    (tmp_path / "nas" / files[200].path).unlink()  # gone since the listing
+    with SshfsMount(sshd, tmp_path / "nas", tmp_path / "mnt") as mounted, LocalNasClient(mounted) as client:
+        most = most_at_once(client, "read")
+        got = consume(fetch_in_order(client, files, 8 << 20), work_s=0.0002)
+        assert client.share_waits is True
+    assert [p for p, _, _ in got] == [f.path for f in files] and files[-1].path.endswith("zz big.png")
+    assert got[200][1:] == (None, "FileNotFoundError")
+    assert all(data == (tmp_path / "nas" / p).read_bytes() for p, data, _ in got[:200] + got[201:])
+    assert threads_started == [len(files) - 64] and most[0] > 4, most

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a fresh machine needs, idempotent: Debian packages (OpenSSH's sshd for the
-# SFTP tests, Chromium for the browser tests) and the project's virtualenv.
+# SFTP tests, sshfs for a share mounted across a network, Chromium for the browser tests)
+# and the project's virtualenv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -8,6 +9,7 @@ need=()
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh-keygen >/dev/null || need+=(openssh-client)
 command -v sftp >/dev/null || need+=(openssh-client)
+command -v sshfs >/dev/null || need+=(sshfs)
 if [ "${CRAFTFLOW_SKIP_BROWSER:-0}" != 1 ]; then
   command -v chromium >/dev/null || need+=(chromium)
 fi
