@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import imagehash
@@ -323,22 +324,66 @@ def ideal_of(root: Path, sample_every: int = 5) -> tuple[int, float]:
     return len(paths), hashing_cpu_seconds(sample) * len(paths) / len(sample)
 
 
-def postgres_cpu_seconds() -> float:
-    """CPU-s used so far by every PostgreSQL process on this machine (backends, WAL writer, ...)."""
+def cpu_seconds_of(name: str) -> float:
+    """CPU-s used so far by every process whose name starts with ``name`` (PostgreSQL's backends,
+    sshd's sessions, ...), with the children they have already reaped: a backend that ended
+    since the last reading is counted in its postmaster's."""
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             with open(f"/proc/{pid}/comm") as comm:
-                if not comm.read().startswith("postgres"):
+                if not comm.read().startswith(name):
                     continue
             with open(f"/proc/{pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
         except OSError:
             continue
     return total / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu_seconds() -> float:
+    """CPU-s used so far by PostgreSQL on this machine (backends, WAL writer, checkpointer, ...)."""
+    return cpu_seconds_of("postgres")
+
+
+def _adopt_orphans() -> None:
+    """Make this process the reaper of its descendants' orphans (Linux ``PR_SET_CHILD_SUBREAPER``),
+    so that a command's step processes and forkserver, whatever their parent, are counted in
+    this process's children's CPU once reaped (:func:`command_cpu_seconds`)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+
+
+def command_cpu_seconds(known: set[int]) -> float:
+    """CPU-s of every descendant reaped so far, after reaping the orphans left by the last
+    command (children of this process that are not in ``known``, such as sshd), for up to 5 s."""
+    import resource
+
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        orphans = []
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            if ppid == os.getpid() and int(pid) not in known:
+                orphans.append(int(pid))
+        if not orphans:
+            break
+        for pid in orphans:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+        time.sleep(0.05)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def per_file_cost(server, sshd, root: Path, count: int) -> None:
@@ -433,13 +478,36 @@ def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, flo
     # And the kernel's dirty pages too: once the 6,000-file shape ran 17.8 s instead of 2 with
     # the cores idle, behind the writeback of the shapes before it.
     os.sync()
+    known = {int(pid) for pid in os.listdir("/proc") if pid.isdigit()}
+    before = (command_cpu_seconds(known), postgres_cpu_seconds(), cpu_seconds_of("sshd"))
     busy = machine_busy_seconds()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli"], env={**env, "MIGRATION_MODE": "nas-only"},
                             capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - started
+    busy = machine_busy_seconds() - busy
+    service, postgres, sshd = (after - b for after, b in zip(
+        (command_cpu_seconds(known), postgres_cpu_seconds(), cpu_seconds_of("sshd")), before, strict=True))
     assert result.returncode == 0, f"{label}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
-    return wall, machine_busy_seconds() - busy, run_phases(Path(env["DAGSTER_HOME"])), result.stdout
+    return wall, CpuSplit(busy, service, postgres, sshd), run_phases(Path(env["DAGSTER_HOME"])), result.stdout
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    """Machine-wide CPU-s during one command, and whose: the command's own processes (the CLI,
+    the Dagster run, its step processes and forkserver), PostgreSQL's, sshd's, and the rest
+    (the kernel's writeback, anything else on the machine)."""
+
+    busy: float
+    service: float
+    postgres: float
+    sshd: float
+
+    def line(self) -> str:
+        rest = self.busy - self.service - self.postgres - self.sshd
+        sshd = f", sshd {self.sshd:.1f}" if self.sshd >= 0.05 else ""
+        return (f"CPU-s {self.busy:.1f}: the service's processes {self.service:.1f}, PostgreSQL "
+                f"{self.postgres:.1f}{sshd}, the rest {rest:.1f}")
 
 
 _SHAPE_DATABASES: list[str] = []
@@ -467,7 +535,7 @@ def fresh_env(server, base: Path, extra: dict | None = None) -> dict:
     return env
 
 
-def print_run(label: str, wall: float, busy: float, phases: dict[str, float], ideal: float | None,
+def print_run(label: str, wall: float, cpu: CpuSplit, phases: dict[str, float], ideal: float | None,
               target: float | None, cores: int) -> None:
     ratio = f"  -> {wall / ideal:.2f}x the ideal {ideal:.1f} s" if ideal else ""
     met = "met" if ideal and target and wall / ideal <= target else "NOT met"
@@ -476,11 +544,13 @@ def print_run(label: str, wall: float, busy: float, phases: dict[str, float], id
     where = ", ".join(f"{k.replace('_nas_', ' ').replace('_', ' ')} {v:.1f}" for k, v in phases.items() if k != "run")
     outside = wall - phases.get("run", 0.0)
     print(f"      where: {where or '-'}; outside the run (start-up, listing, duplicates, exit) {outside:.1f} s;"
-          f" cores busy {busy / wall:.2f} of {cores}")
+          f" cores busy {cpu.busy / wall:.2f} of {cores}")
+    print(f"      {cpu.line()}")
 
 
 def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, folders: int) -> None:
     one, many, flat, nested = ensure_small_corpora(small_files, folders)
+    _adopt_orphans()
     print(f"\nShapes: the whole `craftflow-migrate` with MIGRATION_MODE=nas-only, {cores} cores, fresh database each:")
 
     n, cpu = len(large_files), min(ideal_cpu_seconds(large_files) for _ in range(2))  # as ideal_of

@@ -229,6 +229,7 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     for i, f in enumerate(files):
         if len(reads) >= window_files:
             if statistics.quantiles(reads, n=4)[0] > waiting_share * statistics.median(work):
+                client.reads_seen_waiting()
                 yield from ReadAhead(client, files[i:], budget)
                 return
             reads, work = [], []

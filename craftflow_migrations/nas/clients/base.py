@@ -77,6 +77,10 @@ class NasClient(ABC):
                 item = (None, exc)
             yield item
 
+    def reads_seen_waiting(self) -> None:  # noqa: B027 - most backends know it already (reads_wait)
+        """The caller timed this client's reads and saw them wait on the NAS (a share mounted
+        across a network, a cold disk): a backend may overlap the reads from now on."""
+
     @abstractmethod
     def resolve(self, rel: bytes) -> bytes | None:
         """Where a link leads, relative to the base (``b"../x"`` when outside); None if broken or a loop."""

@@ -14,7 +14,7 @@ from .base import Entry, NasClient, NasError
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Calls (folder listings or small reads) made in turn and timed before deciding whether the
+# Folder listings (or link resolutions) made in turn and timed before deciding whether the
 # share waits on a network.
 TIMED_CALLS = 16
 # The share waits when less than this share of the timed calls' wall time was the calling
@@ -36,8 +36,12 @@ class LocalNasClient(NasClient):
     (open, read, close), so calls made one after another cost one wait each: threads let the
     waits overlap, since ``os.scandir``, ``stat`` and ``read`` let go of the GIL. On a local
     disk the page cache answers in microseconds and a thread's hand-over would cost more than
-    the call, so the first TIMED_CALLS calls are made in turn and timed, and later ones go to
-    threads only if those waited (their wall time mostly not the thread's own CPU).
+    the call. So the first TIMED_CALLS folder listings (and link resolutions) are made in turn
+    and timed, and later ones go to threads only if those waited (their wall time mostly not
+    the thread's own CPU). Reads are not timed here: while a batch hashes on another thread, a
+    read's wall time includes waiting for the GIL, which says nothing about the share. They go
+    to the threads once the share is known to wait, from the listing or from the importer's
+    own timing of its reads (``reads_seen_waiting``, GIL-aware).
     """
 
     def __init__(self, base_path: str | os.PathLike[str]):
@@ -82,11 +86,11 @@ class LocalNasClient(NasClient):
         except Exception as exc:  # noqa: BLE001 - the caller decides (importer.read_failure)
             return None, exc
 
-    def _each(self, call: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        """``call`` of each item, in order: timed in turn until the share is judged, then on
-        the threads where it waits."""
+    def _each(self, call: Callable[[T], R], items: Sequence[T], timed: bool = True) -> list[R]:
+        """``call`` of each item, in order: timed in turn until the share is judged (``timed``),
+        then on the threads where it waits."""
         out: list[R] = []
-        while self.share_waits is None and len(out) < len(items):
+        while timed and self.share_waits is None and len(out) < len(items):
             wall, cpu = time.perf_counter(), time.thread_time()
             out.append(call(items[len(out)]))
             self._timed.append((time.perf_counter() - wall, time.thread_time() - cpu))
@@ -109,6 +113,9 @@ class LocalNasClient(NasClient):
         with os.fdopen(fd, "rb") as fh:
             return fh.read()
 
+    def reads_seen_waiting(self) -> None:
+        self.share_waits = True
+
     def read_each(self, files: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes | None, Exception | None]]:
         """Small files in groups of READ_GROUP, on the threads where the share waits; a large
         file alone, in the calling thread. Lazily, as the read-ahead thread's budget asks."""
@@ -117,15 +124,15 @@ class LocalNasClient(NasClient):
             if size < SMALL_FILE_BYTES:
                 group.append((rel, size))
                 if len(group) == READ_GROUP:
-                    yield from self._each(self._read_or_error, group)
+                    yield from self._each(self._read_or_error, group, timed=False)
                     group = []
                 continue
             if group:
-                yield from self._each(self._read_or_error, group)
+                yield from self._each(self._read_or_error, group, timed=False)
                 group = []
             yield self._read_or_error((rel, size))
         if group:
-            yield from self._each(self._read_or_error, group)
+            yield from self._each(self._read_or_error, group, timed=False)
 
     def resolve(self, rel: bytes) -> bytes | None:
         try:
