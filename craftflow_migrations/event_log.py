@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
+import sqlalchemy as db
 from dagster._core.events import ASSET_EVENTS
 from dagster._core.events.log import EventLogEntry
 from dagster._core.storage.event_log.schema import SqlEventLogStorageTable
@@ -45,7 +46,13 @@ class BatchingSqliteEventLogStorage(SqliteEventLogStorage):
             with self.run_connection(run_id) as conn:
                 conn.execute(insert, [row for row in rows if row["run_id"] == run_id])
         with self.index_transaction() as conn:
-            ids = [conn.execute(insert, row).inserted_primary_key[0] for row in rows]
+            # The rows' ids without a statement per row (45 µs an event; RETURNING in the rows'
+            # order is one statement per row here too): from its first insert this transaction
+            # holds SQLite's write lock, and a rowid is one more than the largest, so the
+            # batch's ids are the largest id's predecessors, in order.
+            conn.execute(insert, rows)
+            last = conn.execute(db.select(db.func.max(SqlEventLogStorageTable.c.id))).scalar_one()
+            ids = list(range(last - len(rows) + 1, last + 1))
             self._store_asset_event_tags(conn, list(events), ids)
             for event, event_id in latest_per_asset_and_kind(events, ids):
                 self._store_asset_event(conn, event, event_id)
