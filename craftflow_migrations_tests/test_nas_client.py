@@ -360,6 +360,41 @@ def _descendants_open_fds(pid: int) -> int:
     return total
 
 
+def test_local_reads_are_the_file_as_it_is_now(tmp_path):
+    """Grown, shrunk or emptied since the listing, read alone or in groups on the share's
+    threads: the whole file as it is now. A file replaced since by a link or a named pipe is
+    that file's error at once (a pipe was waited on forever: no writer ever comes)."""
+    folder = tmp_path / "G" / "S" / "T"
+    folder.mkdir(parents=True)
+    payload = os.urandom(3 * 1024 * 1024)
+    files = {"exact.bin": payload[:1000], "grew.bin": payload[:5000], "shrank.bin": payload[:10],
+             "emptied.bin": b"", "empty.bin": b"", "large.bin": payload}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    listed = {"exact.bin": 1000, "grew.bin": 1000, "shrank.bin": 1000, "emptied.bin": 1000, "empty.bin": 0,
+              "large.bin": 1024 * 1024}
+    os.symlink("exact.bin", folder / "now a link.bin")
+    os.mkfifo(folder / "now a pipe.bin")
+    with LocalNasClient(tmp_path / "G") as client:
+        for name, size in listed.items():
+            assert client.read(f"S/T/{name}".encode(), size) == files[name], name
+            assert client.read(f"S/T/{name}".encode()) == files[name], name
+        for name in ("now a link.bin", "now a pipe.bin"):
+            with pytest.raises(OSError):
+                client.read(f"S/T/{name}".encode(), 10)
+        for waits in (None, True):
+            client.share_waits = waits
+            wanted = [*listed.items(), ("now a pipe.bin", 10), ("missing.bin", 10), *listed.items()]
+            got = list(client.read_each((f"S/T/{name}".encode(), size) for name, size in wanted))
+            for (name, _), (data, error) in zip(wanted, got, strict=True):
+                if name == "missing.bin":
+                    assert data is None and isinstance(error, FileNotFoundError)
+                elif name == "now a pipe.bin":
+                    assert data is None and "no longer a regular file" in str(error)
+                else:
+                    assert (data, error) == (files[name], None), name
+
+
 def test_small_reads_trust_the_listing_only_as_far_as_the_file_agrees(tmp_path, sshd, monkeypatch):
     """A small file of known size is read with an open, one read and a close not waited for,
     and is still the whole file as it is now: grown, shrunk or emptied since the listing,
