@@ -324,10 +324,10 @@ def ideal_of(root: Path, sample_every: int = 5) -> tuple[int, float]:
     return len(paths), hashing_cpu_seconds(sample) * len(paths) / len(sample)
 
 
-def cpu_seconds_of(name: str) -> float:
+def cpu_seconds_of(name: str, reaped: bool = True) -> float:
     """CPU-s used so far by every process whose name starts with ``name`` (PostgreSQL's backends,
-    sshd's sessions, ...), with the children they have already reaped: a backend that ended
-    since the last reading is counted in its postmaster's."""
+    sshd's sessions, ...), and with ``reaped`` the children they have already reaped: a backend
+    that ended since the last reading is counted in its postmaster's."""
     total = 0
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -338,15 +338,18 @@ def cpu_seconds_of(name: str) -> float:
                     continue
             with open(f"/proc/{pid}/stat") as stat:
                 fields = stat.read().rsplit(")", 1)[1].split()
-            total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+            last = 15 if reaped else 13  # utime, stime, then cutime, cstime
+            total += sum(int(v) for v in fields[11:last])
         except OSError:
             continue
     return total / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu_seconds() -> float:
-    """CPU-s used so far by PostgreSQL on this machine (backends, WAL writer, checkpointer, ...)."""
-    return cpu_seconds_of("postgres")
+    """CPU-s used so far by PostgreSQL's live processes (backends, WAL writer, checkpointer, ...):
+    for work on connections that stay open, without the backends of earlier commands that
+    their postmaster reaps meanwhile."""
+    return cpu_seconds_of("postgres", reaped=False)
 
 
 def _adopt_orphans() -> None:
@@ -479,7 +482,7 @@ def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, flo
     # the cores idle, behind the writeback of the shapes before it.
     os.sync()
     known = {int(pid) for pid in os.listdir("/proc") if pid.isdigit()}
-    before = (command_cpu_seconds(known), postgres_cpu_seconds(), cpu_seconds_of("sshd"))
+    before = (command_cpu_seconds(known), cpu_seconds_of("postgres"), cpu_seconds_of("sshd"))
     busy = machine_busy_seconds()
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli"], env={**env, "MIGRATION_MODE": "nas-only"},
@@ -487,7 +490,7 @@ def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, flo
     wall = time.perf_counter() - started
     busy = machine_busy_seconds() - busy
     service, postgres, sshd = (after - b for after, b in zip(
-        (command_cpu_seconds(known), postgres_cpu_seconds(), cpu_seconds_of("sshd")), before, strict=True))
+        (command_cpu_seconds(known), cpu_seconds_of("postgres"), cpu_seconds_of("sshd")), before, strict=True))
     assert result.returncode == 0, f"{label}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
     return wall, CpuSplit(busy, service, postgres, sshd), run_phases(Path(env["DAGSTER_HOME"])), result.stdout
 

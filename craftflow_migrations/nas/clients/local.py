@@ -26,7 +26,7 @@ WAITING_SHARE = 0.5
 THREADS = 8
 # Files under this size are read in groups on the threads; a larger one is read alone (the
 # read-ahead thread's budget counts whole files, and one large read keeps a mount busy).
-SMALL_FILE_BYTES = 1024 * 1024
+GROUPED_READ_BYTES = 1024 * 1024
 READ_GROUP = 32
 
 
@@ -116,9 +116,10 @@ class LocalNasClient(NasClient):
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file (replaced since the listing)")
-            # Its size now and a byte more in one read, then on to the end: the whole file as
-            # it is, had it grown since, or had a mounted share answered in parts. Plain system
-            # calls: a buffered file object cost 11-16 µs a small file against 6-7.
+            # Its size now (not the listed ``size``) and a byte more in one read, then on to the
+            # end: the whole file as it is, had it grown since, or had a mounted share answered
+            # in parts. Plain system calls: a buffered file object cost 10.7-12.7 µs a small
+            # file against 8.9-9.1.
             chunks = [os.read(fd, st.st_size + 1)]
             while chunks[-1]:
                 chunks.append(os.read(fd, max(st.st_size, 1 << 16)))
@@ -134,7 +135,7 @@ class LocalNasClient(NasClient):
         file alone, in the calling thread. Lazily, as the read-ahead thread's budget asks."""
         group: list[tuple[bytes, int]] = []
         for rel, size in files:
-            if size < SMALL_FILE_BYTES:
+            if size < GROUPED_READ_BYTES:
                 group.append((rel, size))
                 if len(group) == READ_GROUP:
                     yield from self._each(self._read_or_error, group, timed=False)
