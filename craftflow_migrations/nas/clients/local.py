@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,8 +19,8 @@ R = TypeVar("R")
 # Folder listings (or link resolutions) made in turn and timed before deciding whether the
 # share waits on a network.
 TIMED_CALLS = 16
-# The share waits when less than this share of the timed calls' wall time was the calling
-# thread's own CPU (system calls included).
+# The share waits when less than this share of the median timed call's wall time was the
+# calling thread's own CPU (system calls included).
 WAITING_SHARE = 0.5
 # Calls at once on a share that waits: the mount's client (cifs, NFS, sshfs) keeps them all in
 # flight on its connection, as the SFTP backend keeps 64 folders' or 32 files' requests.
@@ -96,8 +97,10 @@ class LocalNasClient(NasClient):
             out.append(call(items[len(out)]))
             self._timed.append((time.perf_counter() - wall, time.thread_time() - cpu))
             if len(self._timed) >= TIMED_CALLS:
-                walls, cpus = (sum(t) for t in zip(*self._timed, strict=True))
-                self.share_waits = cpus < WAITING_SHARE * walls
+                # The median call, not the sum: a call that lost its core to another process
+                # (or its vCPU to the host) looks like one that waited on the share.
+                self.share_waits = statistics.median(cpu / wall if wall > 0 else 1.0
+                                                     for wall, cpu in self._timed) < WAITING_SHARE
         rest = items[len(out):]
         if self.share_waits and len(rest) > 1:
             if self._pool is None:
