@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import io
 import os
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -280,7 +281,9 @@ def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path, Pa
         (one / "Big Shop" / "All").mkdir(parents=True, exist_ok=True)
         for i in range(files):
             (one / "Big Shop" / "All" / f"d{i:06d}.png").write_bytes(small_png(i))
-    if not many.is_dir():
+    if not many.is_dir() or sum(1 for _ in many.glob("*/*")) != folders:  # another --folders before
+        for stale in (many, flat, nested):
+            shutil.rmtree(stale, ignore_errors=True)
         (flat / "Flat Shop" / "All").mkdir(parents=True)
         for i in range(folders):
             folder = many / f"Shop {i // 30:03d}" / f"Template {i % 30:02d}"
