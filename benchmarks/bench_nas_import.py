@@ -327,6 +327,12 @@ def ideal_of(root: Path, sample_every: int = 5) -> tuple[int, float]:
     return len(paths), hashing_cpu_seconds(sample) * len(paths) / len(sample)
 
 
+def _proc_stat(pid: str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (``fields[1]`` is the parent)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()
+
+
 def cpu_seconds_of(name: str, reaped: bool = True) -> float:
     """CPU-s used so far by every process whose name starts with ``name`` (PostgreSQL's backends,
     sshd's sessions, ...), and with ``reaped`` the children they have already reaped: a backend
@@ -339,10 +345,8 @@ def cpu_seconds_of(name: str, reaped: bool = True) -> float:
             with open(f"/proc/{pid}/comm") as comm:
                 if not comm.read().startswith(name):
                     continue
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
             last = 15 if reaped else 13  # utime, stime, then cutime, cstime
-            total += sum(int(v) for v in fields[11:last])
+            total += sum(int(v) for v in _proc_stat(pid)[11:last])
         except OSError:
             continue
     return total / os.sysconf("SC_CLK_TCK")
@@ -374,8 +378,7 @@ def command_cpu_seconds(known: set[int]) -> float:
         orphans = []
         for pid in os.listdir("/proc"):
             try:
-                with open(f"/proc/{pid}/stat") as stat:
-                    ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                ppid = int(_proc_stat(pid)[1])
             except (OSError, ValueError):
                 continue
             if ppid == os.getpid() and int(pid) not in known:
@@ -471,9 +474,27 @@ def run_phases(home: Path) -> dict[str, float]:
     return out
 
 
-def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, float], str]:
-    """Wall seconds of `craftflow-migrate` with MIGRATION_MODE=nas-only, CPU-s of the whole machine
-    meanwhile, the run's phases, and the command's last lines."""
+@dataclass(frozen=True)
+class CpuSplit:
+    """Machine-wide CPU-s during one command, and whose: the command's own processes (the CLI,
+    the Dagster run, its step processes and forkserver), PostgreSQL's, sshd's, and the rest
+    (the kernel's writeback, anything else on the machine)."""
+
+    busy: float
+    service: float
+    postgres: float
+    sshd: float
+
+    def line(self) -> str:
+        rest = self.busy - self.service - self.postgres - self.sshd
+        sshd = f", sshd {self.sshd:.1f}" if self.sshd >= 0.05 else ""
+        return (f"CPU-s {self.busy:.1f}: the service's processes {self.service:.1f}, PostgreSQL "
+                f"{self.postgres:.1f}{sshd}, the rest {rest:.1f}")
+
+
+def nas_only(server, env: dict, label: str) -> tuple[float, CpuSplit, dict[str, float], str]:
+    """Wall seconds of `craftflow-migrate` with MIGRATION_MODE=nas-only, the machine's CPU-s
+    meanwhile and whose they were, the run's phases, and the command's last lines."""
     import sys
 
     # Every run starts from the same server state: the WAL and dirty buffers an earlier run
@@ -496,24 +517,6 @@ def nas_only(server, env: dict, label: str) -> tuple[float, float, dict[str, flo
         (command_cpu_seconds(known), cpu_seconds_of("postgres"), cpu_seconds_of("sshd")), before, strict=True))
     assert result.returncode == 0, f"{label}: {result.stdout[-2000:]} {result.stderr[-2000:]}"
     return wall, CpuSplit(busy, service, postgres, sshd), run_phases(Path(env["DAGSTER_HOME"])), result.stdout
-
-
-@dataclass(frozen=True)
-class CpuSplit:
-    """Machine-wide CPU-s during one command, and whose: the command's own processes (the CLI,
-    the Dagster run, its step processes and forkserver), PostgreSQL's, sshd's, and the rest
-    (the kernel's writeback, anything else on the machine)."""
-
-    busy: float
-    service: float
-    postgres: float
-    sshd: float
-
-    def line(self) -> str:
-        rest = self.busy - self.service - self.postgres - self.sshd
-        sshd = f", sshd {self.sshd:.1f}" if self.sshd >= 0.05 else ""
-        return (f"CPU-s {self.busy:.1f}: the service's processes {self.service:.1f}, PostgreSQL "
-                f"{self.postgres:.1f}{sshd}, the rest {rest:.1f}")
 
 
 _SHAPE_DATABASES: list[str] = []
