@@ -209,7 +209,9 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     only partly in the page cache stays inline: with two batch steps on two cores, a folder
     whose other half came from the disk in 0.1 ms (judged by the median) moved to the
     thread, whose hand-overs cost that step 7-15% more CPU while the other step had the core
-    during the waits anyway.
+    during the waits anyway. Where the reads are slower than the hashing itself, one thread
+    reading ahead would fall behind, and the backend is told (``reads_seen_waiting``: a mounted
+    share then reads small files on several threads).
 
     A read that waited for the GIL says nothing about the NAS: a quantile shrugs off a few,
     and files read while ``fair()`` is false are not timed at all. While the batch's writer
@@ -228,8 +230,13 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     work: list[float] = []
     for i, f in enumerate(files):
         if len(reads) >= window_files:
-            if statistics.quantiles(reads, n=4)[0] > waiting_share * statistics.median(work):
-                client.reads_seen_waiting()
+            slow, hashing = statistics.quantiles(reads, n=4)[0], statistics.median(work)
+            if slow > waiting_share * hashing:
+                if slow > hashing:
+                    # Reads slower than the hashing: one thread reading ahead would fall behind,
+                    # so the backend may overlap them (a mounted share's threads). Only then: a
+                    # misjudged page-cache folder costs a thread's hand-overs, not nine.
+                    client.reads_seen_waiting()
                 yield from ReadAhead(client, files[i:], budget)
                 return
             reads, work = [], []
