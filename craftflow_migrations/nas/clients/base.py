@@ -8,7 +8,7 @@ unreadable folders) is decided once, in ``listing.py``, for every backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -55,13 +55,13 @@ class NasClient(ABC):
         A backend may list them with their requests in flight together; this one lists a
         folder at a time. Anything but an ``OSError`` (a lost connection) is raised.
         """
-        out: list[list[Entry] | OSError] = []
-        for rel in rels:
-            try:
-                out.append(self.scandir(rel))
-            except OSError as exc:
-                out.append(exc)
-        return out
+        return [self._scandir_or_error(rel) for rel in rels]
+
+    def _scandir_or_error(self, rel: bytes) -> list[Entry] | OSError:
+        try:
+            return self.scandir(rel)
+        except OSError as exc:
+            return exc
 
     def read_each(self, files: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes | None, Exception | None]]:
         """``(bytes, None)`` or ``(None, error)`` for each ``(path, listed size)``, in order.
@@ -70,12 +70,35 @@ class NasClient(ABC):
         (a lost connection as every later file's). A backend may overlap the reads; this
         one reads a file at a time.
         """
+        for item in files:
+            yield self._read_or_error(item)
+
+    def _read_or_error(self, item: tuple[bytes, int]) -> tuple[bytes | None, Exception | None]:
+        try:
+            return self.read(*item), None
+        except Exception as exc:  # noqa: BLE001 - the caller decides (importer.read_failure)
+            return None, exc
+
+    def _small_in_groups(self, files: Iterable[tuple[bytes, int]], small_below: int, group_size: int,
+                         read_group: Callable[[list[tuple[bytes, int]]], Iterable[tuple[bytes | None, Exception | None]]],
+                         ) -> Iterator[tuple[bytes | None, Exception | None]]:
+        """``read_each`` for a backend that reads small files in groups: files under
+        ``small_below`` bytes in groups of ``group_size`` through ``read_group``, a larger one
+        alone, in order. Lazily, as the read-ahead thread's budget asks."""
+        group: list[tuple[bytes, int]] = []
         for rel, size in files:
-            try:
-                item: tuple[bytes | None, Exception | None] = (self.read(rel, size), None)
-            except Exception as exc:  # noqa: BLE001 - the caller decides (importer.read_failure)
-                item = (None, exc)
-            yield item
+            if size < small_below:
+                group.append((rel, size))
+                if len(group) == group_size:
+                    yield from read_group(group)
+                    group = []
+                continue
+            if group:
+                yield from read_group(group)
+                group = []
+            yield self._read_or_error((rel, size))
+        if group:
+            yield from read_group(group)
 
     def reads_seen_waiting(self) -> None:  # noqa: B027 - most backends know it already (reads_wait)
         """The caller timed this client's reads and saw them wait on the NAS (a share mounted

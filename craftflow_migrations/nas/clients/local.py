@@ -76,18 +76,6 @@ class LocalNasClient(NasClient):
                 out.append(Entry(e.name, kind, st.st_size, st.st_mtime_ns // 1000))
         return out
 
-    def _scandir_or_error(self, rel: bytes) -> list[Entry] | OSError:
-        try:
-            return self.scandir(rel)
-        except OSError as exc:
-            return exc
-
-    def _read_or_error(self, item: tuple[bytes, int]) -> tuple[bytes | None, Exception | None]:
-        try:
-            return self.read(*item), None
-        except Exception as exc:  # noqa: BLE001 - the caller decides (importer.read_failure)
-            return None, exc
-
     def _each(self, call: Callable[[T], R], items: Sequence[T], timed: bool = True) -> list[R]:
         """``call`` of each item, in order: timed in turn until the share is judged (``timed``),
         then on the threads where it waits."""
@@ -125,21 +113,9 @@ class LocalNasClient(NasClient):
 
     def read_each(self, files: Iterable[tuple[bytes, int]]) -> Iterator[tuple[bytes | None, Exception | None]]:
         """Small files in groups of READ_GROUP, on the threads where the share waits; a large
-        file alone, in the calling thread. Lazily, as the read-ahead thread's budget asks."""
-        group: list[tuple[bytes, int]] = []
-        for rel, size in files:
-            if size < GROUPED_READ_BYTES:
-                group.append((rel, size))
-                if len(group) == READ_GROUP:
-                    yield from self._each(self._read_or_error, group, timed=False)
-                    group = []
-                continue
-            if group:
-                yield from self._each(self._read_or_error, group, timed=False)
-                group = []
-            yield self._read_or_error((rel, size))
-        if group:
-            yield from self._each(self._read_or_error, group, timed=False)
+        file alone, in the calling thread."""
+        return self._small_in_groups(files, GROUPED_READ_BYTES, READ_GROUP,
+                                     lambda group: self._each(self._read_or_error, group, timed=False))
 
     def resolve(self, rel: bytes) -> bytes | None:
         try:

@@ -484,21 +484,8 @@ class SftpNasClient(NasClient):
         twice; in a group, the opens go out together, each read as soon as its handle comes
         back. Large files are read alone, pipelined within the file.
         """
-        limit = self.read_request_size or READ_REQUEST_SIZE
-        group: list[tuple[bytes, int]] = []
-        for rel, size in files:
-            if size < limit:
-                group.append((rel, size))
-                if len(group) == PIPELINED_FILES:
-                    yield from self._read_group(group)
-                    group = []
-                continue
-            if group:
-                yield from self._read_group(group)
-                group = []
-            yield from super().read_each([(rel, size)])
-        if group:
-            yield from self._read_group(group)
+        return self._small_in_groups(files, self.read_request_size or READ_REQUEST_SIZE, PIPELINED_FILES,
+                                     self._read_group)
 
     def _close_unwaited(self, handles: Iterable[bytes], last: bool = False) -> None:
         """CLOSE each handle without waiting: the reply is read, and ignored, with a later request's.
