@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import numpy as np
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
 
 from . import similarity
 from .candidates import HASH_BITS, candidate_pairs, hamming
@@ -160,6 +158,11 @@ def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching
              pairs[sure]]
     joined = np.concatenate(edges)
     size = 3 * n
+    # Imported here: scipy.sparse costs 0.2 s to import, and the worker and every step load
+    # this module with the job's definitions without grouping anything.
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
     graph = coo_matrix((np.ones(len(joined), dtype=np.int8), (joined[:, 0], joined[:, 1])), shape=(size, size))
     labels = connected_components(graph, directed=False)[1][:n]
     result = Clustering(labels, candidate_pairs=len(pairs))

@@ -27,7 +27,6 @@ from functools import lru_cache
 
 import numpy as np
 from PIL import Image
-from scipy.ndimage import gaussian_filter1d
 from threadpoolctl import threadpool_limits
 
 SAME_PICTURE = 0.72
@@ -56,15 +55,28 @@ def _area_matrix(start: float, stop: float) -> np.ndarray:
     return (weights / weights.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-_AREA = np.stack([_area_matrix(a, b) for a, b in _spans()])  # (spans, _SIDE, _BASE)
-# The band-pass (a window minus its Gaussian blur) is linear, so it folds into the same
-# matrices: blur(A x Bt) = (G A) x (G B)t. Only the inner rows are ever compared.
-_BLUR = gaussian_filter1d(np.eye(_SIDE, dtype=np.float32), _SIGMA, axis=0)
+_SPANS = _spans()
 _INNER_ROWS = slice(_INNER, _SIDE - _INNER)
-_AXIS = _AREA[:, _INNER_ROWS]
-_BLURRED_AXIS = np.einsum("ij,sjb->sib", _BLUR, _AREA)[:, _INNER_ROWS]
 # Every (y span, x span) pair is a window; window 0 (both whole) is the whole image.
-WINDOWS = len(_AREA) ** 2
+WINDOWS = len(_SPANS) ** 2
+
+
+@lru_cache(maxsize=1)
+def _axes() -> tuple[np.ndarray, np.ndarray]:
+    """(spans * inner rows, _BASE) matrices: each span's area average, and the same blurred.
+
+    Built on first use: scipy.ndimage costs 0.1 s to import, and every process that loads the
+    job's definitions (the worker, the migrations' steps) would pay it for nothing.
+    """
+    from scipy.ndimage import gaussian_filter1d
+
+    area = np.stack([_area_matrix(a, b) for a, b in _SPANS])  # (spans, _SIDE, _BASE)
+    # The band-pass (a window minus its Gaussian blur) is linear, so it folds into the same
+    # matrices: blur(A x Bt) = (G A) x (G B)t. Only the inner rows are ever compared.
+    blur = gaussian_filter1d(np.eye(_SIDE, dtype=np.float32), _SIGMA, axis=0)
+    axis = area[:, _INNER_ROWS]
+    blurred = np.einsum("ij,sjb->sib", blur, area)[:, _INNER_ROWS]
+    return axis.reshape(-1, _BASE), blurred.reshape(-1, _BASE)
 
 
 def _windows(base: np.ndarray) -> np.ndarray:
@@ -72,8 +84,8 @@ def _windows(base: np.ndarray) -> np.ndarray:
 
     Two matrix products give all windows at once: row spans x base x column spans.
     """
-    spans, side = _AXIS.shape[:2]
-    flat, blurred_flat = _AXIS.reshape(-1, _BASE), _BLURRED_AXIS.reshape(-1, _BASE)
+    spans, side = len(_SPANS), _SIDE - 2 * _INNER
+    flat, blurred_flat = _axes()
     band = (flat @ base) @ flat.T - (blurred_flat @ base) @ blurred_flat.T  # (spans*side, spans*side)
     return band.reshape(spans, side, spans, side).transpose(0, 2, 1, 3).reshape(WINDOWS, side * side)
 
