@@ -36,11 +36,14 @@ def _storage_modules() -> set[str]:
 
 
 def _import_storage() -> None:
+    from craftflow_migrations.instance import read_storage_scripts
+
     for name in sorted(_storage_modules()):
         try:
             importlib.import_module(name)
         except ImportError:
             pass  # the instance fails with its own message when it is opened
+    read_storage_scripts()
 
 
 def _import_path_library() -> None:
