@@ -423,3 +423,38 @@ def test_a_step_process_opens_the_instance_without_importing_anything(dagster_ho
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_step_process_opens_the_instance_without_reading_the_storage_scripts_again(dagster_home):
+    """Each SQLite storage checks its schema against Dagster's alembic scripts on opening, and
+    alembic executed every revision file again for each check (0.2 CPU-s a step process); the
+    forkserver reads them once, before any step forks."""
+    code = (
+        "import os\n"
+        "import craftflow_migrations.preload\n"
+        "from alembic.script import ScriptDirectory\n"
+        "reads = []\n"
+        "load = ScriptDirectory._load_revisions\n"
+        "ScriptDirectory._load_revisions = lambda self: (reads.append(1), (yield from load(self)))[1]\n"
+        "import dagster as dg\n"
+        "from dagster._core.instance.ref import InstanceRef\n"
+        "with dg.DagsterInstance.from_ref(InstanceRef.from_dir(os.environ['DAGSTER_HOME'])) as instance:\n"
+        "    instance.get_runs(limit=1)\n"
+        "    with instance.event_log_storage.run_connection('a-run-shard'):\n"
+        "        pass\n"
+        "print(len(reads))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_the_job_definitions_load_without_the_duplicates_libraries():
+    """The worker and every step load the definitions; grouping, the thumbnail check and the
+    report import their libraries (0.45 CPU-s) only when the duplicates run uses them."""
+    code = ("import sys\nimport craftflow_migrations.definitions\n"
+            "print(sorted(m for m in ('scipy.sparse', 'scipy.ndimage', 'jinja2') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
