@@ -16,9 +16,14 @@ it finds at 100,000 and 1,000,000 hashes.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 HASH_BITS = 256
+_MAX_THREADS = 8
+_THREADS_FROM = 20_000  # hashes; below this an order takes under a millisecond
 _SIDE = 16  # imagehash's pHash of hash_size 16: row-major 16 x 16 DCT signs, lowest first
 
 
@@ -57,9 +62,11 @@ def candidate_pairs(words: np.ndarray, scopes: np.ndarray, max_bits: int, orders
     by_word = [np.ascontiguousarray(words[:, w]) for w in range(4)]
     scope_key = scopes.astype(np.uint64) << np.uint64(64 - scope_bits)
     rng = np.random.default_rng(seed)
-    found = []
-    for _ in range(orders):
-        columns = rng.permutation(len(KEY_POOL))[:key_bits]
+    # Every order's bits drawn first, in one sequence: the orders then run on threads (numpy's
+    # sorts and ufuncs release the GIL) and find the same pairs as one after another.
+    keys = [rng.permutation(len(KEY_POOL))[:key_bits] for _ in range(orders)]
+
+    def one_order(columns: np.ndarray) -> list[np.ndarray]:
         key = np.zeros(n, dtype=np.uint64)
         for first in range(0, key_bits, 8):  # a byte of the key from 8 rows, the first bit the highest
             byte = np.zeros(n, dtype=np.uint8)
@@ -71,12 +78,22 @@ def candidate_pairs(words: np.ndarray, scopes: np.ndarray, max_bits: int, orders
         # Neighbours in the sorted order are contiguous slices: no gather per offset.
         columns_sorted = [column[order] for column in by_word]
         sorted_scopes = scopes[order]
+        out = []
         for d in range(1, min(window, n - 1) + 1):
             dist = sum(np.bitwise_count(c[:-d] ^ c[d:]).astype(np.int16) for c in columns_sorted).astype(np.int64)
             close = np.flatnonzero((dist <= max_bits) & (sorted_scopes[:-d] == sorted_scopes[d:]))
             if len(close):
                 i, j = order[close], order[close + d]
-                found.append(np.stack([np.minimum(i, j) * n + np.maximum(i, j), dist[close]], axis=1))
+                out.append(np.stack([np.minimum(i, j) * n + np.maximum(i, j), dist[close]], axis=1))
+        return out
+
+    # Each order holds about 80 bytes a hash while it runs (its key, order and sorted words).
+    threads = max(1, min(os.cpu_count() or 1, _MAX_THREADS, orders)) if n >= _THREADS_FROM else 1
+    if threads == 1:
+        found = [part for columns in keys for part in one_order(columns)]
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="pair-search") as pool_of_threads:
+            found = [part for parts in pool_of_threads.map(one_order, keys) for part in parts]
     if not found:
         return np.empty((0, 2), dtype=np.int64), np.empty(0, dtype=np.int64)
     coded = np.concatenate(found)
