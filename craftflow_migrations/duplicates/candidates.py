@@ -23,6 +23,7 @@ import numpy as np
 
 HASH_BITS = 256
 _MAX_THREADS = 8
+_THREADS_MEMORY = 1 << 30  # bytes the orders running at once may hold together
 _THREADS_FROM = 20_000  # hashes; below this an order takes under a millisecond
 _SIDE = 16  # imagehash's pHash of hash_size 16: row-major 16 x 16 DCT signs, lowest first
 
@@ -87,8 +88,10 @@ def candidate_pairs(words: np.ndarray, scopes: np.ndarray, max_bits: int, orders
                 out.append(np.stack([np.minimum(i, j) * n + np.maximum(i, j), dist[close]], axis=1))
         return out
 
-    # Each order holds about 80 bytes a hash while it runs (its key, order and sorted words).
-    threads = max(1, min(os.cpu_count() or 1, _MAX_THREADS, orders)) if n >= _THREADS_FROM else 1
+    # Each order holds up to about 128 bytes a hash while it runs (its key, order, sorted words
+    # and one offset's distances): as many at once as fit in _THREADS_MEMORY.
+    fit = _THREADS_MEMORY // (128 * n)
+    threads = max(1, min(os.cpu_count() or 1, _MAX_THREADS, orders, fit)) if n >= _THREADS_FROM else 1
     if threads == 1:
         found = [part for columns in keys for part in one_order(columns)]
     else:
