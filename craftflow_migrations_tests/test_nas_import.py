@@ -419,10 +419,15 @@ def test_a_step_process_opens_the_instance_without_importing_anything(dagster_ho
         "    instance.get_runs(limit=1)\n"
         "print(sorted(m for m in set(sys.modules) - before if not m.startswith('importlib.')))\n"
     )
+    assert _last_line_printed_by(code) == "[]"
+
+
+def _last_line_printed_by(code: str) -> str:
+    """What a fresh interpreter running ``code`` (with this test's environment) printed last."""
     out = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    return out.stdout.strip().splitlines()[-1]
 
 
 def test_a_step_process_opens_the_instance_without_reading_the_storage_scripts_again(dagster_home):
@@ -444,10 +449,7 @@ def test_a_step_process_opens_the_instance_without_reading_the_storage_scripts_a
         "        pass\n"
         "print(len(reads))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=os.environ.copy(), capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "0"
+    assert _last_line_printed_by(code) == "0"
 
 
 def test_the_job_definitions_load_without_the_duplicates_libraries():
@@ -455,6 +457,4 @@ def test_the_job_definitions_load_without_the_duplicates_libraries():
     report import their libraries (0.45 CPU-s) only when the duplicates run uses them."""
     code = ("import sys\nimport craftflow_migrations.definitions\n"
             "print(sorted(m for m in ('scipy.sparse', 'scipy.ndimage', 'jinja2') if m in sys.modules))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert _last_line_printed_by(code) == "[]"
