@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 THUMB_PX = 224
 PAGE_SIZE = 50  # groups per page: a few hundred thumbnails, quick to open
 
+
 def bytes_freed(group: Group) -> int:
     """What removing every copy but the one to keep would free."""
     return sum(m.size_bytes for m in group.members if m.id != group.keep.id)
