@@ -118,7 +118,6 @@ def test_chains_join_and_threshold_holds():
     assert len(find_groups([row(1, a), row(2, hash_with(set(range(22))))], threshold=22)) == 1
 
 
-
 def test_the_pair_search_finds_the_same_pairs_on_threads_as_in_one(monkeypatch):
     """The orders run on threads from 20,000 hashes; each order's bits are drawn before any runs,
     so the pairs and distances are exactly those of the orders run one after another."""
@@ -138,6 +137,7 @@ def test_the_pair_search_finds_the_same_pairs_on_threads_as_in_one(monkeypatch):
     one = candidates.candidate_pairs(words, scopes, 80)
     assert len(threaded[0]) >= 250  # most planted pairs (about 32 bits apart) are found
     assert np.array_equal(threaded[0], one[0]) and np.array_equal(threaded[1], one[1])
+
 
 def test_keep_rule():
     big, small = row(1, "0" * 64, w=4000, h=3000), row(2, "0" * 64, w=2000, h=1500, age=-9)
