@@ -79,6 +79,40 @@ def test_many_small_files_spread_over_every_slot_in_whole_rounds():
     assert len(large) == 4 and all(340 * MB <= sum(f.size for f in b) <= 400 * MB for b in large)
 
 
+def _plan_by_scanning(listing: list[NasFile], count: int) -> list[list[str]]:
+    """The greedy the heap replaced: every file scans every batch for the lightest."""
+    from collections import defaultdict
+
+    from craftflow_migrations.nas.batching import PER_FILE_COST_BYTES, _extension
+
+    def cost(i):
+        return listing[i].size + PER_FILE_COST_BYTES
+
+    by_type = defaultdict(list)
+    for i, f in enumerate(listing):
+        by_type[_extension(f.path)].append(i)
+    batches, loads = [[] for _ in range(count)], [0] * count
+    for kind in sorted(by_type, key=lambda k: -sum(cost(i) for i in by_type[k])):
+        kind_loads = [0] * count
+        for i in sorted(by_type[kind], key=lambda i: -listing[i].size):
+            b = min(range(count), key=lambda b: (kind_loads[b], loads[b]))
+            batches[b].append(i)
+            kind_loads[b] += cost(i)
+            loads[b] += cost(i)
+    return [[listing[i].path for i in sorted(batch)] for batch in batches if batch]
+
+
+def test_the_lightest_batch_off_a_heap_is_the_one_a_scan_picks():
+    import random
+
+    rng = random.Random(7)
+    for files_, workers in ((4_000, 2), (6_000, 16), (900, 7), (40, 5)):
+        listing = [NasFile("s", "t", f"s/t/{i:05d}{rng.choice(['.png', '.JPG', '.jpg', '', '.tif', '.x.gif'])}",
+                           rng.choice([rng.randint(1, 20_000), rng.randint(1, 90 * MB), 4_096]), 0)
+                   for i in range(files_)]
+        planned = plan_batches(listing, target_bytes=500 * MB, workers=workers)
+        assert [[f.path for f in b] for b in planned] == _plan_by_scanning(listing, len(planned))
+
 def _two_halves(width: int, height: int) -> Image.Image:
     """Red left half, blue right half: every turn and flip of it looks different."""
     image = Image.new("RGB", (width, height), (220, 20, 20))

@@ -15,8 +15,8 @@ the CPU of a megabyte of PNG to decode (23 vs 12 ms on the benchmark corpus).
 
 from __future__ import annotations
 
+import heapq
 import math
-import posixpath
 from collections import defaultdict
 from collections.abc import Sequence
 
@@ -46,26 +46,37 @@ def batch_count(total_bytes: int, total_cost: int, files: int, target_bytes: int
     return max(1, min(count, files))
 
 
+def _extension(path: str) -> str:
+    """``posixpath.splitext(path)[1].lower()`` in 0.28 µs against its 0.45 (a million files a plan)."""
+    name = path[path.rfind("/") + 1:]
+    dot = name.rfind(".")
+    return name[dot:].lower() if dot > 0 and name[:dot].lstrip(".") else ""
+
+
 def plan_batches(files: Sequence[NasFile], target_bytes: int = 500 * MB, workers: int = 1,
                  min_batch_bytes: int = 32 * MB) -> list[list[NasFile]]:
     if not files:
         return []
-    count = batch_count(sum(f.size for f in files), sum(cost(f) for f in files), len(files), target_bytes, workers,
-                        min_batch_bytes)
+    sizes = [f.size for f in files]
+    costs = [size + PER_FILE_COST_BYTES for size in sizes]
+    count = batch_count(sum(sizes), sum(costs), len(files), target_bytes, workers, min_batch_bytes)
     by_type: dict[str, list[int]] = defaultdict(list)
     for i, f in enumerate(files):
-        by_type[posixpath.splitext(f.path)[1].lower()].append(i)
+        by_type[_extension(f.path)].append(i)
     batches: list[list[int]] = [[] for _ in range(count)]
     loads = [0] * count
     # Largest first into the lightest batch (per type, then overall): the classic greedy
-    # that keeps every batch within one file of the mean. A heap would do the same in
-    # O(n log k); with k batches of at most a few dozen a scan of them is as fast.
-    for kind in sorted(by_type, key=lambda k: -sum(cost(files[i]) for i in by_type[k])):
-        kind_loads = [0] * count
-        for i in sorted(by_type[kind], key=lambda i: -files[i].size):
-            b = min(range(count), key=lambda b: (kind_loads[b], loads[b]))
+    # that keeps every batch within one file of the mean. The lightest batch comes off a
+    # heap (ties to the lowest index, as a scan would): scanning every batch for every file
+    # made 1,000,000 small files over 16 slots 7.4 s of the plan step.
+    for kind in sorted(by_type, key=lambda k: -sum(costs[i] for i in by_type[k])):
+        lightest = [(0, loads[b], b) for b in range(count)]
+        heapq.heapify(lightest)
+        for i in sorted(by_type[kind], key=sizes.__getitem__, reverse=True):  # stable: listing order on ties
+            kind_load, load, b = lightest[0]
             batches[b].append(i)
-            kind_loads[b] += cost(files[i])
-            loads[b] += cost(files[i])
+            c = costs[i]
+            loads[b] = load + c
+            heapq.heapreplace(lightest, (kind_load + c, load + c, b))
     # Listing order inside a batch: files of a folder stay together in the logs.
     return [[files[i] for i in sorted(batch)] for batch in batches if batch]
