@@ -190,3 +190,50 @@ def test_unchanged_nas_rerun_needs_no_dagster_and_a_change_brings_it_back(migrat
                              timeout=300)
     assert changed.returncode == 0, changed.stdout + changed.stderr
     assert "1 imported" in changed.stdout and "dagster imported: True" in changed.stdout
+
+
+# The CLI with every listing counted as slow: Dagster is imported on a thread while the NAS is
+# listed in a child process (a listing that answers at once never starts the thread).
+WITH_A_SLOW_LISTING = """
+import sys, threading
+from craftflow_migrations import cli, worker
+worker.OVERLAP_AFTER_S = 0
+started = threading.Thread.start
+threading.Thread.start = lambda self: (print("thread:", self.name), started(self))[1]
+sys.exit(cli.main([]))
+"""
+
+
+def test_the_nas_listed_in_a_child_while_dagster_is_imported_is_the_listing_the_run_reads(
+        migrated_url, dagster_home, tmp_path):
+    from craftflow_migrations.sample_nas import write_sample_nas
+
+    base = write_sample_nas(tmp_path / "nas")
+    files = sorted(p for p in base.rglob("*") if p.is_file())
+    env = cli_env(MIGRATION_MODE="nas-only", NAS_BASE_PATH=str(base))
+    first = subprocess.run([sys.executable, "-c", WITH_A_SLOW_LISTING], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "thread: import-dagster" in first.stdout
+    # Listed once: the run's plan step read the child's listing instead of listing again.
+    assert "listed by the worker, diffed" in first.stderr
+    with get_engine(migrated_url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM design_images")).scalar() == len(files)
+    assert not list((dagster_home / "storage" / "listings").iterdir())  # removed after its run
+    # Unchanged: the child's answer decides, the thread's imports are simply left behind.
+    rerun = subprocess.run([sys.executable, "-c", WITH_A_SLOW_LISTING], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "3 unchanged since their last import" in rerun.stdout
+    assert not list((dagster_home / "storage" / "listings").iterdir())  # nothing saved: nothing to import
+    # A NAS error in the child is the same one line, and the same exit code, as in-process.
+    gone = subprocess.run([sys.executable, "-c", WITH_A_SLOW_LISTING],
+                          env={**env, "QNAP_HOST": "127.0.0.1", "QNAP_PORT": "1", "QNAP_USERNAME": "designs",
+                               "QNAP_PASSWORD": "Xq7-secret", "NAS_BASE_PATH": "/share"},
+                          capture_output=True, text=True, timeout=300)
+    assert gone.returncode == 2, gone.stdout + gone.stderr
+    errors = [line for line in gone.stdout.splitlines() if line.startswith("❌")]
+    assert errors == ["❌ NAS import failed: Cannot reach NAS 127.0.0.1:1: Connection refused "
+                      "(check QNAP_HOST and QNAP_PORT, and that the NAS is on)"], gone.stdout
+    assert "Xq7-secret" not in gone.stdout + gone.stderr
+    assert "Traceback" not in gone.stdout + gone.stderr
