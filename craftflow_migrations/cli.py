@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if mode in ("all", "nas-only"):
         try:
-            listing = worker.list_nas_overlapped()
+            listing = worker.scan_nas()
             outcomes = worker.unchanged_since_last_import(listing)
             if outcomes is None:
                 worker.warm_step_processes()  # its imports overlap opening the instance

@@ -9,9 +9,6 @@ batches hashed in parallel by the multiprocess executor.
 from __future__ import annotations
 
 import logging
-import os
-import sys
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,8 +24,7 @@ if TYPE_CHECKING:
     # Dagster is imported only when a run starts: a re-run of an unchanged NAS never needs it.
     import dagster as dg
 
-    from .aside import Aside
-    from .nas.listing import ListedNas
+    from .nas.listing import SavedListing
 
 log = logging.getLogger("craftflow_migrations.worker")
 
@@ -121,95 +117,41 @@ def duplicates_pending(database_url: str) -> bool:
         return store.duplicates_pending(conn)
 
 
-def unchanged_since_last_import(listed: ListedNas) -> list[RunOutcome] | None:
+def unchanged_since_last_import(listing: SavedListing) -> list[RunOutcome] | None:
     """An outcome per folder when every listed folder matches its last complete import, else None.
 
-    Decided by :func:`scan_nas`'s one query against ``nas_partition_state``, no Dagster: the
-    worker imports Dagster and opens its instance only when there is something to import.
+    One query against ``nas_partition_state``, no Dagster: the worker imports Dagster and
+    opens its instance only when there is something to import.
     """
-    if not listed.unchanged:
+    from .nas import store
+
+    fingerprints = {key: li.fingerprint for key, li in listing.partitions.items()}
+    with get_engine(get_settings().require_database_url()).connect() as conn:
+        saved = store.saved_fingerprints(conn, list(fingerprints))
+    if not fingerprints or saved != fingerprints:
         return None
-    return [RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in listed.fingerprints]
+    return [RunOutcome("nas_import", "-", True, partition=key, unchanged=True) for key in fingerprints]
 
 
 class NasNotConfigured(RuntimeError):
     pass
 
 
-def listings_folder(root: Path | None = None) -> Path:
-    """Where listings wait for their runs' plan steps: the instance's storage folder."""
-    from .instance import ensure_dagster_home
-
-    return (root or ensure_dagster_home()) / "storage" / "listings"
-
-
-def scan_nas(keys: Sequence[str] | None = None, folder: Path | None = None, save_all: bool = False) -> ListedNas:
-    """Every partition on the NAS (or ``keys``), listed over one connection, against its last import.
-
-    The folders whose listing differs from their last complete import (every folder with
-    ``save_all``) are saved to a file in ``folder`` for the plan steps of the runs to come.
-    """
+def scan_nas(keys: Sequence[str] | None = None):
+    """Every partition on the NAS (or ``keys``), listed over one connection, with when it began."""
     from .nas import store
     from .nas.clients import open_client
-    from .nas.listing import ListedNas, SavedListing, list_nas, save_listing
+    from .nas.listing import SavedListing, list_nas
 
     settings = get_settings()
     missing = settings.nas.missing()
     if missing:
         raise NasNotConfigured(f"set {', '.join(missing)}")
-    engine = get_engine(settings.require_database_url())
-    with engine.connect() as conn:
+    with get_engine(settings.require_database_url()).connect() as conn:
         listed_at = store.db_now(conn)
     with open_client(settings.nas) as client:
         listings, _ = list_nas(client, keys, log)
-    fingerprints = {key: li.fingerprint for key, li in listings.items()}
-    with engine.connect() as conn:
-        imported = store.saved_fingerprints(conn, list(fingerprints))
-    to_save = {k: li for k, li in listings.items() if save_all or imported.get(k) != fingerprints[k]}
-    path = save_listing(folder or listings_folder(), SavedListing(listed_at, to_save)) if to_save else None
-    return ListedNas(listed_at, fingerprints, imported, path)
-
-
-def scan_nas_aside() -> Aside[ListedNas] | None:
-    """:func:`scan_nas` in a child process, while this one imports Dagster; None where that
-    cannot pay (one core, or Dagster already imported: nothing left to overlap)."""
-    from .aside import Aside
-
-    if "dagster" in sys.modules or len(os.sched_getaffinity(0)) < 2:
-        return None
-    # The child must not share this process's pooled database connections: closed first
-    # (the next query here opens its own, a few ms).
-    get_engine(get_settings().require_database_url()).dispose()
-    return Aside(scan_nas, "the NAS listing process")
-
-
-# A listing that answers within this needs nothing overlapped: an unchanged NAS of that size
-# exits without importing Dagster at all (the listings this overlaps take a second or more).
-OVERLAP_AFTER_S = 0.25
-
-
-def list_nas_overlapped() -> ListedNas:
-    """:func:`scan_nas`; where a run may follow, Dagster is imported meanwhile.
-
-    The listing runs in a child process (:func:`scan_nas_aside`). If it has not answered
-    within ``OVERLAP_AFTER_S``, Dagster and the job's definitions are imported on a thread
-    while it goes on: about a second off the run's start when something changed, wasted
-    (on the other core) when nothing did, and then the worker exits without waiting for it.
-    A failed import is left for the main thread's own import to raise, with its traceback.
-    """
-    aside = scan_nas_aside()
-    if aside is None:
-        return scan_nas()
-    if not aside.answered_within(OVERLAP_AFTER_S):
-        threading.Thread(target=_import_for_a_run, name="import-dagster", daemon=True).start()
-    return aside.result()
-
-
-def _import_for_a_run() -> None:
-    try:
-        from . import definitions  # noqa: F401 - imports Dagster
-    except BaseException:  # noqa: BLE001, S110 - raised again where the main thread imports it
-        pass
+    return SavedListing(listed_at, listings)
 
 
 def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:
@@ -254,7 +196,7 @@ def warm_step_processes(run_config: dict | None = None) -> None:
 def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | None = None,
                    shop: str | None = None, extra_tags: dict[str, str] | None = None,
                    run_config: dict | None = None, force: bool = False,
-                   listing: ListedNas | None = None) -> list[RunOutcome]:
+                   listing: SavedListing | None = None) -> list[RunOutcome]:
     """Import all partitions, the given ones, or every template of ``shop``: one outcome each.
 
     Partitions whose listing is unchanged since their last materialization are not run
@@ -262,23 +204,15 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     go in as few runs as possible, one per contiguous range of partitions (usually one),
     because each run and each of its steps has a start-up cost; parallelism is inside the
     run, across batch steps. Runs are never started from threads: ``execute_job``'s
-    logging deadlocks there. The listing's file is removed once its runs are over.
+    logging deadlocks there.
     """
-    listing = listing or scan_nas(partitions, listings_folder(Path(instance.root_directory)), save_all=force)
-    try:
-        return _import_listed(instance, listing, shop, extra_tags, run_config, force)
-    finally:
-        listing.discard()
-
-
-def _import_listed(instance: dg.DagsterInstance, listing: ListedNas, shop: str | None,
-                   extra_tags: dict[str, str] | None, run_config: dict | None, force: bool) -> list[RunOutcome]:
-    from .nas.listing import LISTING_TAG
+    from .nas.listing import LISTING_TAG, SavedListing, save_listing
     from .nas.names import split_partition_key
     from .nas.partitions import PARTITIONS_NAME, partitions_to_import
     from .nas.ranges import contiguous_ranges, partition_tags
 
-    fingerprints = listing.fingerprints
+    listing = listing or scan_nas(partitions)
+    fingerprints = {key: li.fingerprint for key, li in listing.partitions.items()}
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
     follow_configured_concurrency(instance)
@@ -303,17 +237,19 @@ def _import_listed(instance: dg.DagsterInstance, listing: ListedNas, shop: str |
         warm_step_processes(run_config)
     for group in contiguous_ranges(sorted(todo), order):
         tags = {**partition_tags(group), **(extra_tags or {})}
-        if listing.path is not None:
-            # The run's plan step reads this listing instead of listing the NAS a second time
-            # (a folder it does not hold, it lists itself).
-            tags[LISTING_TAG] = str(listing.path)
-        run = _execute(nas_import_job_factory, instance, tags=tags, run_config=run_config or nas_import_run_config())
+        # The run's plan step reads this listing instead of listing the NAS a second time.
+        saved = save_listing(Path(instance.root_directory) / "storage" / "listings",
+                             SavedListing(listing.listed_at, {k: listing.partitions[k] for k in group}))
+        try:
+            run = _execute(nas_import_job_factory, instance, tags={**tags, LISTING_TAG: str(saved)},
+                           run_config=run_config or nas_import_run_config())
+        finally:
+            saved.unlink(missing_ok=True)
         for key in group:
             outcomes[key] = RunOutcome(run.job, run.run_id, run.success, partition=key, failures=run.failures,
                                        skipped=run.skipped, materializations=run.materializations)
     return [outcomes[k] for k in keys]
 
 
-__all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run", "list_nas_overlapped",
-           "run_complex", "run_nas_import", "run_startup", "scan_nas",
-           "unchanged_since_last_import"]
+__all__ = ["NasError", "NasNotConfigured", "RunOutcome", "applied_in_run",
+           "run_complex", "run_nas_import", "run_startup", "scan_nas", "unchanged_since_last_import"]

@@ -20,7 +20,6 @@ import errno
 import hashlib
 import logging
 import pickle
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -271,43 +270,13 @@ class SavedListing:
     partitions: dict[str, PartitionListing]
 
 
-@dataclass(frozen=True)
-class ListedNas:
-    """What the worker keeps of its listing: each folder's fingerprint now and at its last
-    complete import, and the file where the listing of the folders to import is saved for the
-    runs' plan steps (none when every folder is as it was imported)."""
-
-    listed_at: datetime
-    fingerprints: dict[str, str]
-    imported: dict[str, str]
-    path: Path | None
-
-    @property
-    def unchanged(self) -> bool:
-        """Every folder listed, and each as it was at its last complete import."""
-        return bool(self.fingerprints) and self.imported == self.fingerprints
-
-    def discard(self) -> None:
-        if self.path is not None:
-            self.path.unlink(missing_ok=True)
-
-
 # The run tag naming the listing file of a run the worker started.
 LISTING_TAG = "craftflow/listing"
-# A worker killed between its listing and its runs leaves the file; the next save removes it.
-STALE_LISTING_S = 24 * 3600
 
 
 def save_listing(folder: Path, listing: SavedListing) -> Path:
     """Pickled into Dagster's own storage folder (where step outputs are pickled too)."""
     folder.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    for old in folder.glob("listing-*"):
-        try:
-            if now - old.stat().st_mtime > STALE_LISTING_S:
-                old.unlink()
-        except OSError:
-            pass  # another worker's, removed meanwhile
     path = folder / f"listing-{uuid.uuid4().hex}.pickle"
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps(listing, protocol=pickle.HIGHEST_PROTOCOL))
