@@ -614,3 +614,21 @@ def test_readdir_replies_are_read_as_paramiko_reads_them():
     for cut in range(len(data)):
         with pytest.raises(OSError, match="malformed READDIR reply"):
             _entries(paramiko.Message(data[:cut]))
+
+
+def test_a_listing_left_by_a_killed_worker_is_removed_by_a_later_save(tmp_path):
+    from datetime import datetime, timezone
+
+    from craftflow_migrations.nas.listing import STALE_LISTING_S, SavedListing, load_listing, save_listing
+
+    folder = tmp_path / "storage" / "listings"
+    folder.mkdir(parents=True)
+    stale, recent = folder / "listing-killed.pickle", folder / "listing-running.pickle"
+    half_written = folder / "listing-killed-mid-write.tmp"
+    for path in (stale, recent, half_written):
+        path.write_bytes(b"")
+    for path in (stale, half_written):
+        os.utime(path, (time.time() - STALE_LISTING_S - 60,) * 2)
+    saved = save_listing(folder, SavedListing(datetime.now(timezone.utc), {}))
+    assert sorted(p.name for p in folder.iterdir()) == sorted([saved.name, recent.name])
+    assert load_listing(str(saved), []).partitions == {}

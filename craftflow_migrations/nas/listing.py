@@ -20,6 +20,7 @@ import errno
 import hashlib
 import logging
 import pickle
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -272,11 +273,20 @@ class SavedListing:
 
 # The run tag naming the listing file of a run the worker started.
 LISTING_TAG = "craftflow/listing"
+# A worker killed during its run leaves the run's listing; the next save removes it.
+STALE_LISTING_S = 24 * 3600
 
 
 def save_listing(folder: Path, listing: SavedListing) -> Path:
     """Pickled into Dagster's own storage folder (where step outputs are pickled too)."""
     folder.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    for old in folder.glob("listing-*"):
+        try:
+            if now - old.stat().st_mtime > STALE_LISTING_S:
+                old.unlink()
+        except OSError:
+            pass  # another worker's, removed meanwhile
     path = folder / f"listing-{uuid.uuid4().hex}.pickle"
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(pickle.dumps(listing, protocol=pickle.HIGHEST_PROTOCOL))
