@@ -164,3 +164,55 @@ def test_the_stored_algorithm_names_the_imagehash_that_hashes():
     from craftflow_migrations.nas.phash_algorithm import HASH_SIZE, PHASH_ALGORITHM
 
     assert PHASH_ALGORITHM == f"imagehash-{imagehash.__version__}:phash:hash_size={HASH_SIZE}"
+
+
+def _encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    image.save(out, fmt, **options)
+    return out.getvalue()
+
+
+def test_every_mode_and_shape_pillow_opens_imports_with_a_browser_thumbnail():
+    """Ten years of uploads hold more than RGB PNGs and JPEGs: 16-bit and float scans, CMYK
+    print files, 1-bit line art, animations, multi-page TIFFs, slivers one pixel wide. Each
+    imports with imagehash's pHash and a thumbnail a browser shows, upright, at most 224 px."""
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    frames = [Image.new("RGB", (200, 200), (i, 0, 0)) for i in range(0, 250, 5)]
+    sideways = Image.Exif()
+    sideways[0x0112] = 6  # stored 2 x 9000, shown 9000 x 2
+    cases = {
+        "sliver across": (_encoded(Image.new("RGB", (20_000, 1), "red"), "PNG"), (224, 1)),
+        "sliver down": (_encoded(Image.new("RGB", (3, 5_000)), "JPEG"), (1, 224)),
+        "one pixel": (_encoded(Image.new("RGB", (1, 1)), "PNG"), (1, 1)),
+        "16-bit grey": (_encoded(Image.fromarray(rng.integers(0, 65_535, (300, 300), dtype=np.uint16)), "PNG"),
+                        (224, 224)),
+        "float scan": (_encoded(Image.fromarray(rng.random((300, 300), dtype=np.float32)), "TIFF"), (224, 224)),
+        "float, all NaN": (_encoded(Image.fromarray(np.full((300, 300), np.nan, np.float32)), "TIFF"), (224, 224)),
+        "32-bit integers": (_encoded(Image.fromarray(rng.integers(-2**31, 2**31 - 1, (300, 300), dtype=np.int32)),
+                                     "TIFF"), (224, 224)),
+        "CMYK print file": (_encoded(Image.new("CMYK", (400, 300), (10, 20, 30, 40)), "JPEG"), (224, 168)),
+        "CMYK TIFF": (_encoded(Image.new("CMYK", (400, 300), (10, 20, 30, 40)), "TIFF"), (224, 168)),
+        "grey with alpha": (_encoded(Image.new("LA", (400, 300)), "PNG"), (224, 168)),
+        "1-bit line art": (_encoded(Image.new("1", (400, 300)), "PNG"), (224, 168)),
+        "1-bit, small": (_encoded(Image.new("1", (40, 30)), "PNG"), (40, 30)),
+        "palette, transparent": (_encoded(Image.new("P", (300, 300)), "GIF", transparency=0), (224, 224)),
+        "animated GIF": (_encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]), (200, 200)),
+        "animated WebP": (_encoded(frames[0], "WEBP", save_all=True, append_images=frames[1:10]), (200, 200)),
+        "multi-page TIFF": (_encoded(Image.new("RGB", (300, 300)), "TIFF", save_all=True,
+                                     append_images=[Image.new("RGB", (30, 3_000))]), (224, 224)),
+        "JPEG 2000": (_encoded(Image.new("RGB", (300, 300)), "JPEG2000"), (224, 224)),
+        "icon": (_encoded(Image.new("RGBA", (64, 64)), "ICO"), (64, 64)),
+        "BMP": (_encoded(Image.new("RGB", (300, 300)), "BMP"), (224, 224)),
+        "TGA": (_encoded(Image.new("RGB", (300, 300)), "TGA"), (224, 224)),
+        "sideways sliver": (_encoded(Image.new("RGB", (2, 9_000)), "JPEG", exif=sideways), (224, 1)),
+    }
+    for name, (data, shown) in cases.items():
+        facts = describe_image(data)
+        assert facts.ok, (name, facts.error)
+        assert facts.phash == str(imagehash.phash(Image.open(io.BytesIO(data)), hash_size=16)), name
+        thumb = Image.open(io.BytesIO(facts.thumbnail))
+        thumb.load()
+        assert thumb.format in ("JPEG", "PNG", "GIF", "WEBP"), (name, thumb.format)
+        assert thumb.size == shown, (name, thumb.size)

@@ -111,6 +111,33 @@ def test_hostile_tree_imports_with_every_failure_recorded(migrated_url, hostile_
     assert done["result"].total.imported == len(ODD_NAMES) + 2
 
 
+def test_a_path_longer_than_the_file_system_allows_is_named_with_what_to_do(tmp_path, sshd):
+    """Folders nested past PATH_MAX (4,096 bytes on Linux): the entry where the path runs out
+    is recorded with the reason and the fix; the rest of the folder still imports. OpenSSH's
+    sftp-server leaves such entries out of its READDIR replies, so over SFTP they are not seen."""
+    template = tmp_path / "Shop" / "Deep"
+    template.mkdir(parents=True)
+    (template / "ok.png").write_bytes(png_bytes(1))
+    fd = os.open(template, os.O_RDONLY)
+    for _ in range(20):  # 20 x 251 bytes: past PATH_MAX, reachable only relative to a folder
+        os.mkdir("d" * 250, dir_fd=fd)
+        inner = os.open("d" * 250, os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    os.close(fd)
+    with LocalNasClient(tmp_path) as client:
+        listings, _ = list_nas(client)
+    listing = listings["Shop/Deep"]
+    assert [f.path for f in listing.files] == ["Shop/Deep/ok.png"]
+    [problem] = listing.problems
+    assert len(problem.path) > 4096 - len(os.fsencode(tmp_path)) and problem.path.startswith("Shop/Deep/ddd")
+    assert problem.reason == ("could not be examined (File name too long): the path is longer than the file "
+                              "system allows; shorten the folder names above it")
+    with open_sftp(sshd, tmp_path) as client:
+        listings, _ = list_nas(client)
+    assert [f.path for f in listings["Shop/Deep"].files] == ["Shop/Deep/ok.png"]
+
+
 def test_names_are_logged_on_one_line():
     assert "\n" not in shown("new\nline.png") and shown("new\nline.png") == "'new\\nline.png'"
     assert shown(b"caf\xe9.png") == "'caf\\\\xe9.png'"

@@ -123,6 +123,15 @@ def _link_problem(rel: bytes, target: bytes | None) -> str:
     return f"symbolic link to {shown(target)}, imported under its own path; not followed"
 
 
+def _other_problem(entry: Entry) -> str:
+    if entry.error is None:
+        return "not a regular file or folder; skipped"
+    if entry.error.errno == errno.ENAMETOOLONG:
+        return (f"could not be examined ({_why(entry.error)}): the path is longer than the file system "
+                "allows; shorten the folder names above it")
+    return f"could not be examined ({_why(entry.error)}); skipped"
+
+
 def list_partition_folders(client: NasClient) -> tuple[list[PartitionFolder], list[ListingProblem]]:
     """Every ``<shop>/<template>`` folder, sorted by key, and what could not be listed."""
     try:
@@ -223,7 +232,7 @@ class _PartitionWalk:
                 elif e.kind == "link":
                     listing.problems.append(ListingProblem(text_of(child), _link_problem(child, targets[child])))
                 elif e.kind == "other":
-                    listing.problems.append(ListingProblem(text_of(child), "not a regular file or folder; skipped"))
+                    listing.problems.append(ListingProblem(text_of(child), _other_problem(e)))
                 else:
                     text = text_of(child)
                     if text in seen:

@@ -29,6 +29,7 @@ class Entry:
     kind: Literal["file", "dir", "link", "other"]
     size: int
     mtime_us: int  # microseconds since the epoch: PostgreSQL's precision, compared as integers
+    error: OSError | None = None  # why the entry could not be examined (kind "other")
 
 
 class NasClient(ABC):

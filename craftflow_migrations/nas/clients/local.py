@@ -66,8 +66,9 @@ class LocalNasClient(NasClient):
             for e in entries:
                 try:
                     st = e.stat(follow_symlinks=False)
-                except OSError:
-                    out.append(Entry(e.name, "other", 0, 0))
+                except OSError as exc:
+                    # A path past PATH_MAX (ENAMETOOLONG), a file gone since the READDIR.
+                    out.append(Entry(e.name, "other", 0, 0, exc))
                     continue
                 mode = st.st_mode
                 kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
