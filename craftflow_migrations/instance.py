@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .long_lived import long_lived
 from .settings import get_settings, set_dagster_home
 
 if TYPE_CHECKING:
@@ -116,17 +117,18 @@ def get_instance() -> dg.DagsterInstance:
     Two workers starting at once on a fresh SQLite-backed DAGSTER_HOME would both create
     its tables ("table runs already exists"); PostgreSQL storage is unaffected.
     """
-    import dagster as dg
+    with long_lived():  # Dagster's modules and the instance last as long as the process
+        import dagster as dg
 
-    home = ensure_dagster_home()
-    reuse_storage_scripts()
-    with open(home / ".craftflow-init.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            instance = dg.DagsterInstance.get()
-            instance.get_runs(limit=1)
-            instance.get_dynamic_partitions("nas_shop_templates")
-            instance.all_instigator_state()
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+        home = ensure_dagster_home()
+        reuse_storage_scripts()
+        with open(home / ".craftflow-init.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                instance = dg.DagsterInstance.get()
+                instance.get_runs(limit=1)
+                instance.get_dynamic_partitions("nas_shop_templates")
+                instance.all_instigator_state()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
     return instance

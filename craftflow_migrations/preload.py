@@ -8,9 +8,10 @@ Imports only: no connections are opened before the fork.
 
 from __future__ import annotations
 
-import gc
 import importlib
 import os
+
+from craftflow_migrations.long_lived import long_lived
 
 
 def _storage_modules() -> set[str]:
@@ -66,16 +67,12 @@ def _preload() -> None:
     (each walked all of Dagster's objects: 0.08-0.2 CPU-s a step), and its pages stay shared
     with the server: Python's advice for processes forked without exec.
     """
-    gc.disable()
-    try:
+    with long_lived():
         # imagehash.phash imports scipy.fftpack on its first call: 0.2 CPU-s per step.
         importlib.import_module("scipy.fftpack")
         importlib.import_module("craftflow_migrations.definitions")  # the code every step runs
         _import_storage()
         _import_path_library()
-    finally:
-        gc.freeze()
-        gc.enable()
 
 
 _preload()

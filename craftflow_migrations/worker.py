@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import text
 
 from .db import get_engine
+from .long_lived import long_lived
 from .nas.clients import NasError
 from .settings import get_settings
 
@@ -149,7 +150,8 @@ def scan_nas(keys: Sequence[str] | None = None):
         raise NasNotConfigured(f"set {', '.join(missing)}")
     with get_engine(settings.require_database_url()).connect() as conn:
         listed_at = store.db_now(conn)
-    with open_client(settings.nas) as client:
+    # The listing is kept for the whole run (the worker's diff, the plan step's file).
+    with open_client(settings.nas) as client, long_lived():
         listings, _ = list_nas(client, keys, log)
     return SavedListing(listed_at, listings)
 
@@ -232,7 +234,8 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
             store.save_fingerprints(conn, {key: fingerprints[key] for key in outcomes})
     if todo:
         # An unchanged NAS imports none of the job's code and starts no step processes at all.
-        from .definitions import nas_import_job_factory, nas_import_run_config
+        with long_lived():
+            from .definitions import nas_import_job_factory, nas_import_run_config
 
         warm_step_processes(run_config)
     for group in contiguous_ranges(sorted(todo), order):

@@ -22,6 +22,7 @@ from datetime import datetime
 
 import numpy as np
 
+from ..long_lived import long_lived
 from . import similarity
 from .candidates import HASH_BITS, candidate_pairs, hamming
 
@@ -160,8 +161,9 @@ def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching
     size = 3 * n
     # Imported here: scipy.sparse costs 0.2 s to import, and the worker and every step load
     # this module with the job's definitions without grouping anything.
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
+    with long_lived():
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
 
     graph = coo_matrix((np.ones(len(joined), dtype=np.int8), (joined[:, 0], joined[:, 1])), shape=(size, size))
     labels = connected_components(graph, directed=False)[1][:n]
