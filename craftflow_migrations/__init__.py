@@ -8,6 +8,6 @@ the cores the import start-up runs on. Set here, before any of the package impor
 so that the CLI, a code server loading the definitions and a Celery worker all get it.
 """
 
-import os
+from .settings import set_blas_default
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+set_blas_default()

@@ -329,6 +329,11 @@ def malloc_tuned_by_operator() -> bool:
     return any(v in os.environ for v in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"))
 
 
+def set_blas_default() -> None:
+    """One OpenBLAS thread per process unless the environment says otherwise (see the package's docstring)."""
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+
 def set_process_defaults() -> None:
     """Environment that Dagster itself reads, for this process and the step processes it starts."""
     os.environ.setdefault("DAGSTER_EVENT_BATCH_SIZE", DAGSTER_EVENT_BATCH_SIZE)
