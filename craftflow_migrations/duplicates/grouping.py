@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
 import numpy as np
 
@@ -136,6 +137,17 @@ def _value_codes(values: Sequence[str]) -> np.ndarray:
     return np.fromiter((seen.setdefault(v, len(seen)) for v in values), dtype=np.int64, count=len(values))
 
 
+@lru_cache(maxsize=1)
+def _sparse():
+    """scipy.sparse, imported on first use: it costs 0.2 s, and the worker and every step load
+    this module with the job's definitions without grouping anything. Kept for the process,
+    so imported once, under ``long_lived``."""
+    with long_lived():
+        from scipy.sparse import coo_matrix
+        from scipy.sparse.csgraph import connected_components
+    return coo_matrix, connected_components
+
+
 def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching: Matching | None = None,
             thumbnails: ThumbnailSource | None = None) -> Clustering:
     """Component labels for rows: ``words`` (n, 4) uint64 pHashes, ``scopes`` (n,) ints, ``shas``."""
@@ -159,12 +171,7 @@ def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching
              pairs[sure]]
     joined = np.concatenate(edges)
     size = 3 * n
-    # Imported here: scipy.sparse costs 0.2 s to import, and the worker and every step load
-    # this module with the job's definitions without grouping anything.
-    with long_lived():
-        from scipy.sparse import coo_matrix
-        from scipy.sparse.csgraph import connected_components
-
+    coo_matrix, connected_components = _sparse()
     graph = coo_matrix((np.ones(len(joined), dtype=np.int8), (joined[:, 0], joined[:, 1])), shape=(size, size))
     labels = connected_components(graph, directed=False)[1][:n]
     result = Clustering(labels, candidate_pairs=len(pairs))
