@@ -45,6 +45,7 @@ import psycopg2
 from PIL import Image
 
 from craftflow_migrations.nas.hashing import describe_image
+from craftflow_migrations.settings import usable_cores
 
 CORPUS = Path(__file__).parent / ".corpus"
 LAYOUT = [("Aurora Prints", "Posters 24x36"), ("Aurora Prints", "Canvas 16x20"),
@@ -649,7 +650,7 @@ def main() -> None:
     server = PostgresServer()
     work = Path(tempfile.mkdtemp(prefix="cfm-bench-"))
     sshd = SshServer(work / "sshd")
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     try:
         if args.shapes_only:
             shapes(server, sshd, cores, files, args.small_files, args.folders)

@@ -34,6 +34,15 @@ class ConfigError(ValueError):
 _FALSE, _TRUE = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: a container or ``taskset`` pinned to 4 of a host's 64
+    has 4, where ``os.cpu_count()`` says 64 and 64 batch steps would share 4 cores."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except (AttributeError, OSError):  # no affinity API (macOS)
+        return max(os.cpu_count() or 2, 1)
+
+
 def _raw(env: Mapping[str, str], name: str) -> str | None:
     value = env.get(name)
     return None if value is None or value.strip() == "" else value.strip()
@@ -154,7 +163,7 @@ class NasSettings(BaseModel):
     host_key_fingerprint: str = ""
     base_path: str = DEFAULT_NAS_BASE_PATH
     use_batched: bool = True
-    max_concurrent: int = max(os.cpu_count() or 2, 1)
+    max_concurrent: int = usable_cores()
     commit_every: int = 5000
     max_file_mb: int = 1024
     max_pixels: int = 250_000_000
@@ -251,7 +260,7 @@ def from_env(env: Mapping[str, str]) -> Settings:
         host_key_fingerprint=_raw(env, "QNAP_HOST_KEY_FINGERPRINT") or "",
         base_path=_raw(env, "NAS_BASE_PATH") or DEFAULT_NAS_BASE_PATH,
         use_batched=_bool(env, "NAS_USE_BATCHED", True),
-        max_concurrent=_int(env, "NAS_MAX_CONCURRENT", max(os.cpu_count() or 2, 1), 1, 256),
+        max_concurrent=_int(env, "NAS_MAX_CONCURRENT", usable_cores(), 1, 256),
         commit_every=_int(env, "NAS_COMMIT_EVERY", 5000, 1, 100_000),
         max_file_mb=_int(env, "NAS_MAX_FILE_MB", 1024, 1),
         max_pixels=_int(env, "NAS_MAX_PIXELS", 250_000_000, 1),

@@ -3,6 +3,7 @@ and no part of a password ever printed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -62,6 +63,16 @@ def test_good_values_parse_into_types():
     assert settings.nas.port == 2222 and settings.migrations.lock_timeout_s == 0.5
     assert settings.nas.use_batched is False and settings.nas.max_concurrent == 8
     assert "p@ss" in settings.secrets() and "p%40ss" in settings.secrets()
+
+
+def test_nas_concurrency_defaults_to_the_cores_this_process_may_use():
+    # Pinned to one core (taskset, a container's cpuset), the default is one batch step, not
+    # one per core of the host.
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from craftflow_migrations.settings import from_env; print(from_env({}).nas.max_concurrent)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert result.stdout.strip() == "1"
+    assert from_env({}).nas.max_concurrent == len(os.sched_getaffinity(0))
 
 
 def test_the_cli_exits_2_with_one_line_and_no_password(dagster_home):

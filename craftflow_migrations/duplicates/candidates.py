@@ -16,10 +16,11 @@ it finds at 100,000 and 1,000,000 hashes.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+
+from craftflow_migrations.settings import usable_cores
 
 HASH_BITS = 256
 _MAX_THREADS = 8
@@ -91,7 +92,7 @@ def candidate_pairs(words: np.ndarray, scopes: np.ndarray, max_bits: int, orders
     # Each order holds up to about 128 bytes a hash while it runs (its key, order, sorted words
     # and one offset's distances): as many at once as fit in _THREADS_MEMORY.
     fit = _THREADS_MEMORY // (128 * n)
-    threads = max(1, min(os.cpu_count() or 1, _MAX_THREADS, orders, fit)) if n >= _THREADS_FROM else 1
+    threads = max(1, min(usable_cores(), _MAX_THREADS, orders, fit)) if n >= _THREADS_FROM else 1
     if threads == 1:
         found = [part for columns in keys for part in one_order(columns)]
     else:

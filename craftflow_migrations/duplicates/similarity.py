@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import multiprocessing
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,8 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 from threadpoolctl import threadpool_limits
+
+from craftflow_migrations.settings import usable_cores
 
 SAME_PICTURE = 0.72
 MAX_CROP = 0.12  # of each dimension, the two sides together
@@ -145,7 +146,7 @@ def score_pairs(pairs: Sequence[tuple[str, str]], thumbnails: Mapping[str, bytes
     Large batches are spread over a process pool (one process per core, up to 8): a
     thousand pairs is about a second of CPU.
     """
-    workers = workers or min(os.cpu_count() or 1, 8)
+    workers = workers or min(usable_cores(), 8)
     # A daemonic process (a Celery prefork worker) may not have children: score in-process.
     if workers < 2 or len(pairs) < PARALLEL_FROM or multiprocessing.current_process().daemon:
         return _score_chunk(pairs, thumbnails)
