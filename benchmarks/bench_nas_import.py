@@ -507,9 +507,14 @@ class CpuSplit:
                 f"{self.postgres:.1f}{sshd}, the rest {rest:.1f}{stolen}")
 
 
-def nas_only(server, env: dict, label: str) -> tuple[float, CpuSplit, dict[str, float], str]:
+# Wall-clock start and end of the latest nas_only command, to set against its event log's timestamps.
+LAST_COMMAND_SPAN: list[float] = []
+
+
+def nas_only(server, env: dict, label: str, prefix: tuple[str, ...] = ()) -> tuple[float, CpuSplit, dict[str, float], str]:
     """Wall seconds of `craftflow-migrate` with MIGRATION_MODE=nas-only, the machine's CPU-s
-    meanwhile and whose they were, the run's phases, and the command's last lines."""
+    meanwhile and whose they were, the run's phases, and the command's last lines. ``prefix``
+    goes before the command (``taskset -c 0-7``)."""
     import sys
 
     # Every run starts from the same server state: the WAL and dirty buffers an earlier run
@@ -523,10 +528,11 @@ def nas_only(server, env: dict, label: str) -> tuple[float, CpuSplit, dict[str, 
     known = {int(pid) for pid in os.listdir("/proc") if pid.isdigit()}
     before = (command_cpu_seconds(known), cpu_seconds_of("postgres"), cpu_seconds_of("sshd"))
     busy, stolen = machine_busy_seconds(), stolen_seconds()
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "craftflow_migrations.cli"], env={**env, "MIGRATION_MODE": "nas-only"},
+    started, started_at = time.perf_counter(), time.time()
+    result = subprocess.run([*prefix, sys.executable, "-m", "craftflow_migrations.cli"], env={**env, "MIGRATION_MODE": "nas-only"},
                             capture_output=True, text=True, timeout=1800)
     wall = time.perf_counter() - started
+    LAST_COMMAND_SPAN[:] = [started_at, started_at + wall]
     busy, stolen = machine_busy_seconds() - busy, stolen_seconds() - stolen
     service, postgres, sshd = (after - b for after, b in zip(
         (command_cpu_seconds(known), cpu_seconds_of("postgres"), cpu_seconds_of("sshd")), before, strict=True))
