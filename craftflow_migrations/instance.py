@@ -34,7 +34,7 @@ python_logs:
   python_log_level: INFO
 concurrency:
   pools:
-    # The worker sets nas_sftp's own limit to NAS_MAX_CONCURRENT before each import.
+    # Every import's plan step sets nas_sftp's own limit to NAS_MAX_CONCURRENT.
     default_limit: 4
 run_retries:
   enabled: true

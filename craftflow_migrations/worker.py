@@ -165,17 +165,6 @@ def register_partitions(instance: dg.DagsterInstance, keys: Sequence[str]) -> No
         instance.add_dynamic_partitions(PARTITIONS_NAME, new)
 
 
-def follow_configured_concurrency(instance: dg.DagsterInstance) -> None:
-    """The ``nas_sftp`` pool's limit is NAS_MAX_CONCURRENT: one setting for SFTP connections.
-
-    Left at the instance's default, the pool held batch steps to its ``default_limit``
-    whatever NAS_MAX_CONCURRENT said.
-    """
-    from .nas.partitions import SFTP_POOL
-
-    instance.event_log_storage.set_concurrency_slots(SFTP_POOL, get_settings().nas.max_concurrent)
-
-
 def warm_step_processes(run_config: dict | None = None) -> None:
     """Start the multiprocess executor's forkserver now, if the import's run will use it.
 
@@ -217,7 +206,6 @@ def run_nas_import(instance: dg.DagsterInstance, partitions: Sequence[str] | Non
     fingerprints = {key: li.fingerprint for key, li in listing.partitions.items()}
     keys = list(fingerprints)
     register_partitions(instance, keys)  # every folder seen becomes a partition, selected or not
-    follow_configured_concurrency(instance)
     if shop is not None:
         keys = [k for k in keys if split_partition_key(k)[0] == shop]
     order = instance.get_dynamic_partitions(PARTITIONS_NAME)

@@ -22,6 +22,7 @@ from craftflow_migrations.definitions import (
     startup_job_factory,
 )
 from craftflow_migrations.nas.assets import nas_partitions
+from craftflow_migrations.nas.partitions import SFTP_POOL
 from craftflow_migrations.nas.resource import NasResource
 from craftflow_migrations.resources import PostgresResource
 
@@ -174,6 +175,18 @@ def test_sequential_mode_gives_the_same_rows(migrated_url, instance, nas_base, c
     assert len({e.step_key for e in events if e.is_step_success and "import_nas_batch" in e.step_key}) == 1
     stored = rows(migrated_url)
     assert len(stored) == 14 and sum(r["status"] == "failed" for r in stored.values()) == 3
+
+
+def test_a_run_launched_without_the_worker_sets_the_sftp_pool_to_the_configured_concurrency(
+        migrated_url, instance, nas_base, clean_nas_env):
+    # A run from the UI, a backfill or a sensor: the pool was left at another limit (the
+    # instance's default_limit, or an earlier NAS_MAX_CONCURRENT), and no worker ran first.
+    instance.event_log_storage.set_concurrency_slots(SFTP_POOL, 1)
+    clean_nas_env.setenv("NAS_BASE_PATH", str(nas_base))
+    clean_nas_env.setenv("NAS_MAX_CONCURRENT", "3")
+    ok, _, _ = import_partition(instance, KEY, run_config(batch_mb=1, min_batch_mb=1, workers=3))
+    assert ok and instance.event_log_storage.get_concurrency_info(SFTP_POOL).slot_count == 3
+    assert len(rows(migrated_url)) == 14
 
 
 def test_killed_import_resumes_without_loss_or_duplicates(migrated_url, dagster_home, sshd, tmp_path):

@@ -24,7 +24,7 @@ from .clients import NasError
 from .importer import Counts, import_batch, sum_counts
 from .listing import LISTING_TAG, NasFile, list_nas, load_listing
 from .names import shown
-from .partitions import PARTITIONS_NAME, SFTP_POOL
+from .partitions import PARTITIONS_NAME, SFTP_POOL, follow_configured_concurrency
 from .resource import NasResource
 
 
@@ -96,6 +96,7 @@ def plan_nas_batches(context: dg.OpExecutionContext, config: NasImportConfig):
     schema_gate(postgres.engine)
     if nas.missing():
         raise dg.Failure(description=f"NAS credentials not configured: set {', '.join(nas.missing())}")
+    follow_configured_concurrency(context.instance, nas.settings.max_concurrent)
     started = time.monotonic()
     # A run the worker started names the listing it made (listed once per run); a run from the
     # UI, a sensor or a backfill lists its folders here.

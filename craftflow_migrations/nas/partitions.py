@@ -18,6 +18,22 @@ DESIGN_IMAGES = dg.AssetKey("design_images")
 NAS_IMPORT_JOB = "nas_import"
 PARTITIONS_NAME = "nas_shop_templates"  # the DynamicPartitionsDefinition's name (assets.py)
 SFTP_POOL = "nas_sftp"  # batch steps each hold one SFTP connection
+
+
+def follow_configured_concurrency(instance: dg.DagsterInstance, limit: int) -> None:
+    """The ``nas_sftp`` pool's limit is NAS_MAX_CONCURRENT: one setting for SFTP connections.
+
+    Left at the instance's ``default_limit`` (4 in the shipped dagster.yaml), the pool held
+    batch steps to it whatever NAS_MAX_CONCURRENT said: 16 cores ran 4 batch steps at once.
+    The plan step sets it on every import, however launched (worker, UI, backfill, sensor),
+    before any batch step claims a slot.
+    """
+    if instance.event_log_storage.supports_global_concurrency_limits:
+        info = instance.event_log_storage.get_concurrency_info(SFTP_POOL)
+        if info.slot_count != limit:
+            instance.event_log_storage.set_concurrency_slots(SFTP_POOL, limit)
+
+
 _IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
               dg.DagsterRunStatus.STARTED]
 
