@@ -160,6 +160,7 @@ def run_timeline(home: Path, started_at: float, ended_at: float) -> RunTimeline:
     import dagster as dg
     from dagster._core.instance.ref import InstanceRef
 
+    os.environ["DAGSTER_HOME"] = str(home)  # the instance's dagster.yaml names its folder by it
     with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as instance:
         run = instance.get_runs(dg.RunsFilter(job_name="nas_import"), limit=1)[0]
         records = instance.get_records_for_run(run.run_id).records

@@ -72,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             outcomes = worker.unchanged_since_last_import(listing)
             if outcomes is None:
                 worker.warm_step_processes()  # its imports overlap opening the instance
-                outcomes = worker.run_nas_import(instance(), listing=listing)
+                outcomes = worker.run_nas_import(instance(), listing=listing, duplicates_next=True)
         except worker.NasNotConfigured as exc:
             if mode == "nas-only":
                 _out(f"❌ NAS credentials not configured: {exc}")

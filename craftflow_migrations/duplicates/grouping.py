@@ -138,7 +138,7 @@ def _value_codes(values: Sequence[str]) -> np.ndarray:
 
 
 @lru_cache(maxsize=1)
-def _sparse():
+def load_sparse():
     """scipy.sparse, imported on first use: it costs 0.2 s, and the worker and every step load
     this module with the job's definitions without grouping anything. Kept for the process,
     so imported once, under ``long_lived``."""
@@ -171,7 +171,7 @@ def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching
              pairs[sure]]
     joined = np.concatenate(edges)
     size = 3 * n
-    coo_matrix, connected_components = _sparse()
+    coo_matrix, connected_components = load_sparse()
     graph = coo_matrix((np.ones(len(joined), dtype=np.int8), (joined[:, 0], joined[:, 1])), shape=(size, size))
     labels = connected_components(graph, directed=False)[1][:n]
     result = Clustering(labels, candidate_pairs=len(pairs))

@@ -65,7 +65,7 @@ def human_bytes(n: int) -> str:
 
 
 @lru_cache(maxsize=1)
-def _templates() -> jinja2.Environment:
+def load_templates() -> jinja2.Environment:
     """The report's Jinja2 templates, loaded on first use: jinja2 costs 0.14 s to import, which
     the worker and every step paid with the job's definitions whether or not a report was due."""
     # Kept for the process: beside 100,000 hashes, importing jinja2 ran a full collection (0.2 s).
@@ -198,14 +198,14 @@ def write_report(groups: list[Group], out_dir: Path, thumbnails: ThumbnailSource
         folder.mkdir(parents=True)
         for page in range(1, summary.pages + 1):
             chunk = summary.groups[(page - 1) * PAGE_SIZE:page * PAGE_SIZE]
-            html = _templates().get_template("scope.html").render(
+            html = load_templates().get_template("scope.html").render(
                 scope=summary, groups=chunk, page=page, first_index=(page - 1) * PAGE_SIZE, thumbs=shown,
                 px=THUMB_PX, bytes_freed=bytes_freed, thumbnail_name=thumbnail_name,
                 thumbs_total=sum(1 for g in chunk for m in g.members if m.sha256 in shown))
             (folder / f"page-{page}.html").write_text(html, encoding="utf-8")
         _write_copies(folder / COPIES_CSV, summary.groups)
     exact = sum(g.kind == "exact" for g in groups)
-    html = _templates().get_template("index.html").render(
+    html = load_templates().get_template("index.html").render(
         scopes=scopes, pages_dir=pages_dir, copies_csv=COPIES_CSV, px=THUMB_PX, exact=exact, near=len(groups) - exact,
         files=sum(len(g.members) for g in groups), freed=sum(bytes_freed(g) for g in groups))
     index = out_dir / "index.html"
