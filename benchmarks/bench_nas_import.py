@@ -65,6 +65,17 @@ def design(seed: int, width: int, height: int, alpha: bool) -> Image.Image:
     return Image.fromarray(image, "RGB")
 
 
+def write_design(folder: Path, seed: int, digits: int) -> Path:
+    """One large design: an RGBA PNG for even seeds, a JPEG photo for odd ones."""
+    if seed % 2 == 0:
+        path = folder / f"design {seed:0{digits}d}.png"
+        design(seed, 2600, 2000, alpha=True).save(path, compress_level=1)
+    else:
+        path = folder / f"photo {seed:0{digits}d}.jpg"
+        design(seed, 4000, 3000, alpha=False).save(path, quality=95)
+    return path
+
+
 def ensure_corpus(min_mb: int) -> list[Path]:
     files = sorted(p for p in CORPUS.rglob("*") if p.is_file())
     total = sum(p.stat().st_size for p in files)
@@ -73,13 +84,7 @@ def ensure_corpus(min_mb: int) -> list[Path]:
         shop, template = LAYOUT[seed % len(LAYOUT)]
         folder = CORPUS / shop / template
         folder.mkdir(parents=True, exist_ok=True)
-        if seed % 2 == 0:
-            path = folder / f"design {seed:03d}.png"
-            design(seed, 2600, 2000, alpha=True).save(path, compress_level=1)
-        else:
-            path = folder / f"photo {seed:03d}.jpg"
-            design(seed, 4000, 3000, alpha=False).save(path, quality=95)
-        total += path.stat().st_size
+        total += write_design(folder, seed, digits=3).stat().st_size
         seed += 1
         print(f"  corpus: {total / MB:,.0f} / {min_mb} MB", end="\r", flush=True)
     files = sorted(p for p in CORPUS.rglob("*") if p.is_file())

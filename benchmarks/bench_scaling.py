@@ -36,12 +36,12 @@ from benchmarks.bench_nas_import import (
     MB,
     _adopt_orphans,
     _cpu_ticks,
-    design,
     drop_shape_databases,
     fresh_env,
     ideal_cpu_seconds,
     nas_only,
     print_run,
+    write_design,
 )
 from craftflow_migrations.nas.hashing import describe_image
 from craftflow_migrations.settings import usable_cores
@@ -53,13 +53,7 @@ def _one_design(args: tuple[Path, int, int]) -> int:
     corpus, seed, folders = args
     folder = corpus / f"Shop {seed % folders // 4:02d}" / f"Template {seed % folders % 4}"
     folder.mkdir(parents=True, exist_ok=True)
-    if seed % 2 == 0:
-        path = folder / f"design {seed:04d}.png"
-        design(seed, 2600, 2000, alpha=True).save(path, compress_level=1)
-    else:
-        path = folder / f"photo {seed:04d}.jpg"
-        design(seed, 4000, 3000, alpha=False).save(path, quality=95)
-    return path.stat().st_size
+    return write_design(folder, seed, digits=4).stat().st_size
 
 
 def ensure_corpus(corpus: Path, gb: float, folders: int, workers: int) -> list[Path]:

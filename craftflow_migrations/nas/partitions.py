@@ -19,6 +19,9 @@ NAS_IMPORT_JOB = "nas_import"
 PARTITIONS_NAME = "nas_shop_templates"  # the DynamicPartitionsDefinition's name (assets.py)
 SFTP_POOL = "nas_sftp"  # batch steps each hold one SFTP connection
 
+_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+              dg.DagsterRunStatus.STARTED]
+
 
 def follow_configured_concurrency(instance: dg.DagsterInstance, limit: int) -> None:
     """The ``nas_sftp`` pool's limit is NAS_MAX_CONCURRENT: one setting for SFTP connections.
@@ -32,10 +35,6 @@ def follow_configured_concurrency(instance: dg.DagsterInstance, limit: int) -> N
         info = instance.event_log_storage.get_concurrency_info(SFTP_POOL)
         if info.slot_count != limit:
             instance.event_log_storage.set_concurrency_slots(SFTP_POOL, limit)
-
-
-_IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
-              dg.DagsterRunStatus.STARTED]
 
 
 def plain_metadata(metadata: Mapping) -> dict:
