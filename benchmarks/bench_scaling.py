@@ -35,10 +35,10 @@ from benchmarks.bench_nas_import import (
     LAST_COMMAND_SPAN,
     MB,
     _adopt_orphans,
-    _cpu_ticks,
     drop_shape_databases,
     fresh_env,
     ideal_cpu_seconds,
+    machine_busy_seconds,
     nas_only,
     print_run,
     write_design,
@@ -110,12 +110,10 @@ class BusySampler:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _sample(self) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
-        last, last_t = _cpu_ticks(), time.perf_counter()
+        last, last_t = machine_busy_seconds(), time.perf_counter()
         while not self._stop.wait(0.1):
-            now, now_t = _cpu_ticks(), time.perf_counter()
-            busy = (sum(now) - now[3] - now[4] - sum(last) + last[3] + last[4]) / tick
-            if busy <= 1.5 * (now_t - last_t):
+            now, now_t = machine_busy_seconds(), time.perf_counter()
+            if now - last <= 1.5 * (now_t - last_t):
                 self.serial_s += now_t - last_t
             last, last_t = now, now_t
 
