@@ -68,7 +68,8 @@ def _preload() -> None:
     with the server: Python's advice for processes forked without exec.
     """
     with long_lived():
-        # imagehash.phash imports scipy.fftpack on its first call: 0.2 CPU-s per step.
+        # The pHash of a flat or mirrored design takes imagehash's arithmetic, scipy.fftpack,
+        # which would otherwise be imported in a step on its first such file: 0.2 CPU-s.
         importlib.import_module("scipy.fftpack")
         importlib.import_module("craftflow_migrations.definitions")  # the code every step runs
         _import_storage()

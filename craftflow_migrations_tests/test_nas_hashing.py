@@ -3,7 +3,8 @@
 import io
 
 import imagehash
-from PIL import Image
+import numpy as np
+from PIL import Image, ImageDraw
 
 from craftflow_migrations.nas.batching import MB, plan_batches
 from craftflow_migrations.nas.hashing import describe_image
@@ -28,6 +29,49 @@ def test_phash_is_bit_identical_to_imagehash(tmp_path):
         assert facts.phash == str(imagehash.phash(Image.open(path), hash_size=16)), name
         assert len(facts.phash) == 64
         assert (facts.width, facts.height) == image.size
+
+
+def _designs_of_every_kind(count: int) -> list[tuple[str, Image.Image]]:
+    """Noise and photographs, and the designs whose DCT has exact zeros (rounding decides there)."""
+    rng = np.random.default_rng(11)
+    out = []
+    for i in range(count):
+        w, h = (int(v) for v in rng.integers(1, 300, 2))
+        half = rng.integers(0, 256, (h, max(w // 2, 1)), dtype=np.uint8)
+        y, x = np.mgrid[0:h, 0:w]
+        badge = Image.new("RGBA", (w, h), (255, 255, 255, 0))
+        ImageDraw.Draw(badge).ellipse((w // 4, h // 4, 3 * w // 4, 3 * h // 4), fill=(200, 10, 10, 255))
+        stripes = np.zeros((h, w), np.uint8)
+        stripes[:, :: 1 + i % 3] = 255
+        out += [
+            ("noise", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))),
+            ("flat", Image.new("RGB", (w, h), tuple(int(v) for v in rng.integers(0, 256, 3)))),
+            ("mirrored", Image.fromarray(np.hstack([half, half[:, ::-1]]))),
+            ("centred badge", badge),
+            ("stripes", Image.fromarray(stripes)),
+            ("gradient", Image.fromarray(np.tile(np.linspace(0, 255, w), (h, 1)).astype(np.uint8))),
+            ("waves", Image.fromarray(((np.sin(x / (1 + i % 17)) + np.cos(y / 7)) * 60 + 128).astype(np.uint8))),
+            ("float", Image.fromarray((rng.random((h, w)) * 1e3).astype(np.float32), "F")),
+            ("palette", Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert("P")),
+        ]
+    return out + [("photo-like", photo_like(int(rng.integers(100, 900)), int(rng.integers(100, 900)), i))
+                  for i in range(20)]
+
+
+def test_the_fast_phash_matches_imagehash_bit_for_bit_on_every_kind_of_design():
+    """Two matrix products where rounding cannot decide a bit; imagehash's own arithmetic where it can."""
+    from craftflow_migrations.nas import hashing
+
+    taken = {"matrix products": set(), "imagehash's arithmetic": set()}
+    for kind, image in _designs_of_every_kind(60):
+        assert hashing.phash_hex(image) == str(imagehash.phash(image, hash_size=16)), (kind, image.size, image.mode)
+        pixels = np.asarray(image.convert("L").resize((64, 64), Image.Resampling.LANCZOS), dtype=np.float64)
+        low = (hashing._DCT_ROWS @ pixels @ hashing._DCT_COLUMNS).ravel()
+        tie = np.abs(low - np.median(low)).min() <= hashing.PHASH_TIE_TOLERANCE
+        taken["imagehash's arithmetic" if tie else "matrix products"].add(kind)
+    # Both ways are proven: photographs and noise by the products, degenerate designs by imagehash.
+    assert {"noise", "photo-like", "waves"} <= taken["matrix products"]
+    assert {"flat", "mirrored", "stripes", "gradient"} <= taken["imagehash's arithmetic"]
 
 
 def test_bad_files_are_described(tmp_path):

@@ -1,7 +1,9 @@
 """Facts about one image file: sha256, 256-bit pHash, size and format.
 
-The pHash is ``imagehash.phash(PIL.Image.open(file), hash_size=16)`` itself, called on the
-same bytes, so it is bit-identical to what anyone computing it by hand gets.
+The pHash is bit-identical to ``imagehash.phash(PIL.Image.open(file), hash_size=16)``: the
+same greyscale 64x64 LANCZOS image from Pillow, its low frequencies by two small matrix
+products instead of two full DCTs, and imagehash's own arithmetic again whenever rounding
+could decide a bit (:func:`phash_hex`).
 
 No file can stop an import, whatever its bytes:
 
@@ -28,7 +30,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
@@ -73,14 +74,46 @@ class DecodeLimits:
     timeout_s: float = 120.0
 
 
-def phash_hex(image: Image.Image) -> str:
-    """``str(imagehash.phash(image, hash_size=16))``, formatted with numpy.
+# imagehash's pHash: the image in greyscale, LANCZOS to 64x64, the 16x16 lowest frequencies of
+# its 2-D DCT-II (scipy.fftpack's, unnormalised: y[k] = 2 * sum x[n] cos(pi k (2n + 1) / 2N)),
+# each bit "above the median". Only those 256 coefficients are needed: two products with this
+# 16x64 matrix give them, where two full 64x64 DCTs and numpy.median took half the pHash of a
+# small PNG (40 and 17 of 112 us).
+_PHASH_SIDE = HASH_SIZE * 4
+_DCT_ROWS = 2.0 * np.cos(np.pi * np.arange(HASH_SIZE)[:, None] * (2 * np.arange(_PHASH_SIDE) + 1)
+                         / (2 * _PHASH_SIDE))
+_DCT_COLUMNS = np.ascontiguousarray(_DCT_ROWS.T)
+# Both ways round differently, by at most about 1e-8 here (|coefficient| <= 4.2e6, 64 terms a
+# sum, twice); a coefficient this close to the median may fall on either side of it, so such
+# an image takes imagehash's own arithmetic. Flat, mirrored and striped designs do (their
+# exact zeros come out as rounding noise either way); photographs and noise almost never.
+PHASH_TIE_TOLERANCE = 1e-5
 
-    imagehash formats its bits through a Python string of '0'/'1' characters, 15% of the
-    hashing time of a small PNG; packing the same bits gives the same 64 hex digits.
+
+def phash_hex(image: Image.Image) -> str:
+    """``str(imagehash.phash(image, hash_size=16))``, bit for bit, in half its time.
+
+    The 64x64 greyscale image is Pillow's, made by the same call as imagehash's. Its low
+    frequencies come from two matrix products; when every one of them stands clear of their
+    median by more than both ways' rounding, the bits cannot differ from imagehash's. Otherwise
+    the same pixels go through imagehash's own steps (``scipy.fftpack.dct`` twice,
+    ``numpy.median``), so its rounding decides, as it does for anyone computing it by hand.
+    The bits are packed with numpy: imagehash formats them through a Python string of
+    '0'/'1' characters, 15% of the hashing time of a small PNG.
     """
-    bits = imagehash.phash(image, hash_size=HASH_SIZE).hash
-    return np.packbits(bits.flatten()).tobytes().hex()
+    small = image.convert("L").resize((_PHASH_SIDE, _PHASH_SIDE), Image.Resampling.LANCZOS)
+    pixels = np.asarray(small)
+    low = (_DCT_ROWS @ pixels.astype(np.float64) @ _DCT_COLUMNS).ravel()
+    middle = np.partition(low, (low.size // 2 - 1, low.size // 2))
+    median = (middle[low.size // 2 - 1] + middle[low.size // 2]) / 2
+    if np.abs(low - median).min() > PHASH_TIE_TOLERANCE:
+        bits = low > median
+    else:
+        import scipy.fftpack  # as imagehash.phash does, on the same pixels
+
+        dct = scipy.fftpack.dct(scipy.fftpack.dct(pixels, axis=0), axis=1)[:HASH_SIZE, :HASH_SIZE]
+        bits = (dct > np.median(dct)).ravel()
+    return np.packbits(bits).tobytes().hex()
 
 
 def _bytes_per_pixel(mode: str) -> float:
