@@ -9,12 +9,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .long_lived import long_lived
-from .settings import get_settings, set_dagster_home
+from .settings import LOCAL_DAGSTER_HOME, get_settings, set_dagster_home
 
 if TYPE_CHECKING:
     import dagster as dg
 
-LOCAL_HOME = Path.home() / ".craftflow_migrations" / "dagster_home"
 # A local instance needs no server: SQLite storage under DAGSTER_HOME, plus the SFTP pool.
 LOCAL_DAGSTER_YAML = """\
 # Written by craftflow-migrate for local use; production uses the repository's dagster.yaml.
@@ -54,7 +53,7 @@ def __getattr__(name: str):
 def ensure_dagster_home() -> Path:
     """DAGSTER_HOME, or a local default created on first use."""
     home = get_settings().dagster_home
-    path = Path(home) if home else LOCAL_HOME
+    path = Path(home) if home else LOCAL_DAGSTER_HOME
     path.mkdir(parents=True, exist_ok=True)
     config = path / "dagster.yaml"
     if not config.exists():

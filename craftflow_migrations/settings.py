@@ -20,6 +20,9 @@ from pydantic import BaseModel, ConfigDict, SecretStr
 
 MODES = ("all", "startup", "nas-only", "complex")
 EXECUTORS = ("multiprocess", "celery")
+THUMBNAIL_STORES = ("folder", "postgres")
+# The Dagster instance when DAGSTER_HOME is unset (the worker sets DAGSTER_HOME to it).
+LOCAL_DAGSTER_HOME = Path.home() / ".craftflow_migrations" / "dagster_home"
 DEFAULT_NAS_BASE_PATH = "/share/Graphics"
 PACKAGE_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # Batched event writes: a run over thousands of folders writes its materializations in a
@@ -168,6 +171,13 @@ class NasSettings(BaseModel):
     max_file_mb: int = 1024
     max_pixels: int = 250_000_000
     decode_timeout_s: float = 120.0
+    # Thumbnails: appended to pack files of a folder (indexed in PostgreSQL), or in PostgreSQL.
+    thumbnail_store: Literal["folder", "postgres"] = "folder"
+    thumbnail_dir: str = ""  # empty: <DAGSTER_HOME>/thumbnails
+
+    @property
+    def thumbnail_folder(self) -> Path:
+        return Path(self.thumbnail_dir) if self.thumbnail_dir else LOCAL_DAGSTER_HOME / "thumbnails"
 
     @property
     def is_sftp(self) -> bool:
@@ -250,7 +260,22 @@ def from_env(env: Mapping[str, str]) -> Settings:
         migrations_dir = Path(override)
         if not migrations_dir.is_dir():
             raise ConfigError(f"CRAFTFLOW_MIGRATIONS_DIR={override!r} is not a directory")
+    executor = _choice(env, "CRAFTFLOW_EXECUTOR", "multiprocess", EXECUTORS)
+    thumbnail_dir = _raw(env, "CRAFTFLOW_THUMBNAIL_DIR")
+    if thumbnail_dir is not None and not Path(thumbnail_dir).expanduser().is_absolute():
+        raise ConfigError(f"CRAFTFLOW_THUMBNAIL_DIR={thumbnail_dir!r} is not an absolute path: every process "
+                          "(batch steps, the UI, the report) must find the same folder; give it from /")
+    dagster_home = _raw(env, "DAGSTER_HOME")
+    # Runs on several machines (Celery steps; a webserver, daemon and worker sharing one instance
+    # in PostgreSQL) share no folder unless one is named for them: there thumbnails stay in
+    # PostgreSQL by default, where every machine that reads them finds them.
+    several_machines = executor == "celery" or _raw(env, "DAGSTER_POSTGRES_URL") is not None
     nas = NasSettings(
+        thumbnail_store=_choice(env, "CRAFTFLOW_THUMBNAIL_STORE",
+                                "postgres" if several_machines and thumbnail_dir is None else "folder",
+                                THUMBNAIL_STORES),
+        thumbnail_dir=(str(Path(thumbnail_dir).expanduser()) if thumbnail_dir
+                       else str(Path(dagster_home) / "thumbnails") if dagster_home else ""),
         host=_raw(env, "QNAP_HOST") or "",
         port=_int(env, "QNAP_PORT", 22, 1, 65535),
         username=_raw(env, "QNAP_USERNAME") or "",
@@ -280,12 +305,12 @@ def from_env(env: Mapping[str, str]) -> Settings:
     return Settings(
         database_url=SecretStr(url) if url is not None else None,
         mode=_choice(env, "MIGRATION_MODE", "all", MODES),
-        executor=_choice(env, "CRAFTFLOW_EXECUTOR", "multiprocess", EXECUTORS),
+        executor=executor,
         celery_broker_url=SecretStr(_raw(env, "CELERY_BROKER_URL") or "redis://127.0.0.1:6379/0"),
         celery_backend_url=SecretStr(_raw(env, "CELERY_BACKEND_URL") or "redis://127.0.0.1:6379/1"),
         io_dir=_raw(env, "CRAFTFLOW_IO_DIR") or "",
         report_dir=_raw(env, "CRAFTFLOW_REPORT_DIR") or "",
-        dagster_home=_raw(env, "DAGSTER_HOME") or "",
+        dagster_home=dagster_home or "",
         migrations_dir=migrations_dir,
         max_failed_share=_fraction(env, "MAX_FAILED_SHARE", 0.05),
         migrations=migrations,
@@ -294,7 +319,8 @@ def from_env(env: Mapping[str, str]) -> Settings:
 
 
 _VARIABLES = ("DATABASE_URL", "MIGRATION_MODE", "CRAFTFLOW_EXECUTOR", "CELERY_BROKER_URL", "CELERY_BACKEND_URL",
-              "CRAFTFLOW_IO_DIR", "CRAFTFLOW_REPORT_DIR", "DAGSTER_HOME", "CRAFTFLOW_MIGRATIONS_DIR",
+              "CRAFTFLOW_IO_DIR", "CRAFTFLOW_REPORT_DIR", "CRAFTFLOW_THUMBNAIL_STORE",
+              "CRAFTFLOW_THUMBNAIL_DIR", "DAGSTER_HOME", "DAGSTER_POSTGRES_URL", "CRAFTFLOW_MIGRATIONS_DIR",
               "MAX_FAILED_SHARE", "QNAP_HOST", "QNAP_PORT", "QNAP_USERNAME", "QNAP_PASSWORD", "QNAP_KEY_FILE",
               "QNAP_KNOWN_HOSTS", "QNAP_HOST_KEY_FINGERPRINT", "NAS_BASE_PATH", "NAS_USE_BATCHED",
               "NAS_MAX_CONCURRENT", "NAS_COMMIT_EVERY", "NAS_MAX_FILE_MB", "NAS_MAX_PIXELS",

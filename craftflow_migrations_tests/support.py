@@ -263,10 +263,10 @@ def import_local_folder(url: str, base: Path, keys: list[str] | None = None, cli
     from craftflow_migrations.nas.clients import LocalNasClient
     from craftflow_migrations.nas.importer import import_batch
     from craftflow_migrations.nas.listing import list_nas
-    from craftflow_migrations.settings import NasSettings
+    from craftflow_migrations.settings import get_settings
 
     engine = get_engine(url)
-    settings = kwargs.pop("settings", NasSettings())
+    settings = kwargs.pop("settings", get_settings().nas)  # thumbnails where this environment's readers look
     with engine.connect() as conn:
         listed_at = store.db_now(conn)
     with client or LocalNasClient(base) as client:

@@ -231,9 +231,25 @@ def test_batch_step_killed_mid_import_then_rerun_imports_each_file_once(migrated
     out, _ = proc.communicate(timeout=300)
     rows_after_kill = _rows(engine, "Kill Step")[0]
     assert 0 < rows_after_kill <= 40
+    # Packs are made durable before the rows that index them commit: every committed row
+    # shows its picture, though the step died mid-flush.
+    assert _rows_without_a_readable_thumbnail(engine, "Kill Step") == []
     rerun = subprocess.run(_import_cmd("Kill Step/T"), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     assert _rows(engine, "Kill Step") == (40, 40, 0)  # each file once, none imported twice
+    assert _rows_without_a_readable_thumbnail(engine, "Kill Step") == []
+
+
+def _rows_without_a_readable_thumbnail(engine, shop: str) -> list[str]:
+    from craftflow_migrations.nas import store
+
+    with engine.connect() as conn:
+        shas = conn.execute(text("SELECT sha256 FROM design_images WHERE shop = :s AND status = 'ok'"),
+                            {"s": shop}).scalars().all()
+        packed = conn.execute(text("SELECT count(*) FROM design_thumbnails WHERE pack IS NOT NULL")).scalar()
+        found = store.thumbnails(conn, shas)
+    assert packed > 0  # the default: thumbnails in packs beside the instance
+    return [sha for sha in shas if sha not in found]
 
 
 def test_sshd_down_mid_batch_retries_when_back_and_fails_clearly_when_not(migrated_url, dagster_home, tmp_path):

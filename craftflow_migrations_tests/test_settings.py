@@ -44,6 +44,8 @@ BAD = [
     ({"NAS_USE_BATCHED": "maybe"}, "NAS_USE_BATCHED='maybe'", "is not one of: true, false"),
     ({"MAX_FAILED_SHARE": "2"}, "MAX_FAILED_SHARE='2'", "from 0 to 1"),
     ({"QNAP_HOST_KEY_FINGERPRINT": "abc"}, "QNAP_HOST_KEY_FINGERPRINT='abc'", "SHA256:"),
+    ({"CRAFTFLOW_THUMBNAIL_STORE": "disk"}, "CRAFTFLOW_THUMBNAIL_STORE='disk'", "is not one of: folder, postgres"),
+    ({"CRAFTFLOW_THUMBNAIL_DIR": "thumbs"}, "CRAFTFLOW_THUMBNAIL_DIR='thumbs'", "is not an absolute path"),
 ]
 
 
@@ -63,6 +65,19 @@ def test_good_values_parse_into_types():
     assert settings.nas.port == 2222 and settings.migrations.lock_timeout_s == 0.5
     assert settings.nas.use_batched is False and settings.nas.max_concurrent == 8
     assert "p@ss" in settings.secrets() and "p%40ss" in settings.secrets()
+
+
+def test_thumbnails_go_to_a_folder_beside_the_instance_unless_steps_share_none():
+    """Packs under DAGSTER_HOME by default; runs on several machines (Celery steps, or a
+    webserver, daemon and worker sharing an instance in PostgreSQL) share no folder unless
+    one is named, so there they stay in PostgreSQL."""
+    assert from_env({"DAGSTER_HOME": "/srv/dagster"}).nas.thumbnail_folder.as_posix() == "/srv/dagster/thumbnails"
+    assert from_env({"DAGSTER_HOME": "/srv/dagster"}).nas.thumbnail_store == "folder"
+    assert from_env({"CRAFTFLOW_EXECUTOR": "celery"}).nas.thumbnail_store == "postgres"
+    assert from_env({"DAGSTER_POSTGRES_URL": "postgresql://d@db/dagster"}).nas.thumbnail_store == "postgres"
+    shared = from_env({"CRAFTFLOW_EXECUTOR": "celery", "CRAFTFLOW_THUMBNAIL_DIR": "/mnt/shared/thumbs"}).nas
+    assert (shared.thumbnail_store, shared.thumbnail_folder.as_posix()) == ("folder", "/mnt/shared/thumbs")
+    assert from_env({"CRAFTFLOW_THUMBNAIL_STORE": "postgres"}).nas.thumbnail_store == "postgres"
 
 
 def test_nas_concurrency_defaults_to_the_cores_this_process_may_use():

@@ -26,6 +26,7 @@ from .listing import LISTING_TAG, NasFile, list_nas, load_listing
 from .names import shown
 from .partitions import PARTITIONS_NAME, SFTP_POOL, follow_configured_concurrency
 from .resource import NasResource
+from .thumbnail_packs import ThumbnailStoreError
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def import_nas_batch(context: dg.OpExecutionContext, batch: BatchPlan) -> BatchC
             result = import_batch(client, postgres.engine, batch.files, batch.listed_at, nas.settings, label,
                                   context.log, pipelined=not batch.sequential,
                                   had_rows=batch.had_rows if first_attempt else None)
-    except NasError as exc:
+    except (NasError, ThumbnailStoreError) as exc:
         # Retried by the RetryPolicy; the message is the one line an operator needs.
         raise dg.Failure(description=str(exc), allow_retries=True) from None
     total = result.total

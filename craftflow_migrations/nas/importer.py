@@ -30,13 +30,14 @@ from datetime import datetime
 
 from sqlalchemy.engine import Engine
 
-from ..settings import NasSettings
+from ..settings import NasSettings, get_settings
 from . import store
 from .clients.base import NasClient, NasError
 from .hashing import DecodeLimits, ImageFacts, describe_image
 from .listing import NasFile
 from .memory import keep_freed_memory
 from .names import shown
+from .thumbnail_packs import PackWriter
 
 MB = 1024 * 1024
 log = logging.getLogger("craftflow_migrations.nas")
@@ -279,7 +280,7 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     already there, and files an earlier attempt committed are skipped (asking it for 20,000
     paths held the GIL 0.016 ms a file: psycopg2 quoting three arrays of strings).
     """
-    settings = settings or NasSettings()
+    settings = settings or get_settings().nas
     logger = logger or log
     keep_freed_memory()
     limits = DecodeLimits(settings.max_pixels, settings.decode_timeout_s)
@@ -313,11 +314,13 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     # raises its error (a lost database fails the batch, which the asset retries).
     writer = ThreadPoolExecutor(1, thread_name_prefix="nas-writer")
     in_flight: Future | None = None
+    # This attempt's own pack file (only the writer thread appends to it).
+    packs = PackWriter(settings.thumbnail_folder) if settings.thumbnail_store == "folder" else None
 
     def write(rows: list[dict], fresh: list[dict], thumbs: dict[str, bytes]) -> None:
         with engine.begin() as conn:
             # Thumbnails first, in the same transaction: a row never points at a missing picture.
-            store.save_thumbnails(conn, thumbs)
+            store.save_thumbnails(conn, thumbs, packs)
             store.upsert(conn, rows, fresh)
 
     def flush() -> None:
@@ -356,12 +359,16 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     def writer_idle() -> bool:
         return in_flight is None or in_flight.done()
 
-    with writer:
-        for f, data, error in fetch_in_order(client, todo, prefetch_bytes, may_thread=pipelined, fair=writer_idle):
-            handle(f, data, error)
-        flush()
-        if in_flight is not None:
-            in_flight.result()
+    try:
+        with writer:
+            for f, data, error in fetch_in_order(client, todo, prefetch_bytes, may_thread=pipelined, fair=writer_idle):
+                handle(f, data, error)
+            flush()
+            if in_flight is not None:
+                in_flight.result()
+    finally:
+        if packs is not None:
+            packs.close()
     result.files = len(files)
     result.seconds = time.monotonic() - started
     return result

@@ -11,9 +11,11 @@ never resurrected by an import that listed earlier.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from psycopg2 import Binary
@@ -22,9 +24,11 @@ from psycopg2.extras import execute_values
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
+from ..settings import get_settings
 from .copy_binary import copy_rows
 from .listing import NasFile
 from .phash_algorithm import HASH_SIZE, PHASH_ALGORITHM
+from .thumbnail_packs import PackedThumbnail, PackWriter, read_packed
 
 if TYPE_CHECKING:
     from .hashing import ImageFacts
@@ -166,17 +170,25 @@ def upsert(conn: Connection, rows: Sequence[dict], fresh: Sequence[dict] = ()) -
 # ``char(64) = ANY(text[])`` casts the column: no index, a scan of the whole table for every
 # flush of every import (70 ms at 100,000 thumbnails, growing with the table).
 STORED_THUMBNAILS = "SELECT sha256 FROM design_thumbnails WHERE sha256 = ANY(CAST(:s AS char(64)[]))"
-THUMBNAILS = "SELECT sha256, jpeg FROM design_thumbnails WHERE sha256 = ANY(CAST(:s AS char(64)[]))"
+THUMBNAILS = ("SELECT sha256, jpeg, pack, pack_offset, pack_length FROM design_thumbnails "
+              "WHERE sha256 = ANY(CAST(:s AS char(64)[]))")
+_IN_POSTGRES = (("sha256", "jpeg"), ("text", "bytea"))
+_IN_PACKS = (("sha256", "pack", "pack_offset", "pack_length"), ("text", "text", "int8", "int4"))
+
+log = logging.getLogger("craftflow_migrations.thumbnails")
 
 
-def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes]) -> None:
+def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackWriter | None = None) -> None:
     """Content-addressed: a sha256 already there keeps its thumbnail (same bytes, same picture).
 
-    The new ones go in by binary COPY (a third of the server's CPU of a multi-row INSERT,
-    whose bytea travels as hex). COPY has no ON CONFLICT: the sha256s already stored are
-    looked up first, and when another import stores one of the rest between the look-up and
-    the COPY (byte-identical files in two batch steps at once), the COPY is rolled back to
-    its savepoint and the same thumbnails go in with ``ON CONFLICT DO NOTHING``.
+    The new ones go into ``packs`` (appended and made durable before this transaction can
+    commit: a row never points at bytes that are not on disk), or, without packs, into the
+    table itself. Either way their rows go in by binary COPY (a third of the server's CPU of
+    a multi-row INSERT, whose bytea travels as hex). COPY has no ON CONFLICT: the sha256s
+    already stored are looked up first, and when another import stores one of the rest
+    between the look-up and the COPY (byte-identical files in two batch steps at once), the
+    COPY is rolled back to its savepoint and the same rows go in with ``ON CONFLICT DO
+    NOTHING`` (in packs, the other import's copy is the one indexed; ours is never read).
     """
     if not thumbnails:
         return
@@ -184,22 +196,44 @@ def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes]) -> None:
     new = [(sha, data) for sha, data in thumbnails.items() if sha not in stored]
     if not new:
         return
+    if packs is None:
+        (columns, types), rows = _IN_POSTGRES, new
+    else:
+        (columns, types) = _IN_PACKS
+        rows = [(p.sha256, p.pack, p.offset, p.length) for p in packs.append_all(new)]
     try:
         with conn.begin_nested():
-            copy_rows(conn, "design_thumbnails", ("sha256", "jpeg"), ("text", "bytea"), new)
+            copy_rows(conn, "design_thumbnails", columns, types, rows)
     except UniqueViolation:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            execute_values(cursor, "INSERT INTO design_thumbnails (sha256, jpeg) VALUES %s "
-                           "ON CONFLICT (sha256) DO NOTHING", [(sha, Binary(data)) for sha, data in new],
+            execute_values(cursor, f"INSERT INTO design_thumbnails ({', '.join(columns)}) VALUES %s "
+                           "ON CONFLICT (sha256) DO NOTHING",
+                           [tuple(Binary(v) if isinstance(v, bytes) else v for v in row) for row in rows],
                            page_size=500)
         finally:
             cursor.close()
 
 
-def thumbnails(conn: Connection, shas: Iterable[str]) -> dict[str, bytes]:
-    rows = conn.execute(text(THUMBNAILS), {"s": sorted(set(shas))})
-    return {r.sha256: bytes(r.jpeg) for r in rows}
+def thumbnails(conn: Connection, shas: Iterable[str], folder: Path | None = None) -> dict[str, bytes]:
+    """The stored thumbnails of ``shas``, wherever each lies (in the table, or in a pack of
+    ``folder``: by default the configured ``CRAFTFLOW_THUMBNAIL_DIR``). One that cannot be read
+    is left out, with one warning line per pack that says why."""
+    found: dict[str, bytes] = {}
+    packed: list[PackedThumbnail] = []
+    for r in conn.execute(text(THUMBNAILS), {"s": sorted(set(shas))}):
+        if r.jpeg is not None:
+            found[r.sha256] = bytes(r.jpeg)
+        else:
+            packed.append(PackedThumbnail(r.sha256, r.pack, r.pack_offset, r.pack_length))
+    if packed:
+        if folder is None:
+            folder = get_settings().nas.thumbnail_folder
+        from_packs, problems = read_packed(folder, packed)
+        found.update(from_packs)
+        for line in problems:
+            log.warning(line)
+    return found
 
 
 def mark_removed(conn: Connection, removed: Sequence[tuple[str, str, str]], listed_at: datetime) -> int:

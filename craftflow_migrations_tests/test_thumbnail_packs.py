@@ -1,0 +1,101 @@
+"""Thumbnails in pack files of a folder, indexed in PostgreSQL: written durably before their rows,
+read back exactly, never a wrong picture, and a folder that cannot be written is one clear line."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from datetime import datetime, timezone
+
+import pytest
+from sqlalchemy import text
+
+from craftflow_migrations.db import get_engine
+from craftflow_migrations.nas import store
+from craftflow_migrations.nas.clients.local import LocalNasClient
+from craftflow_migrations.nas.hashing import describe_image
+from craftflow_migrations.nas.importer import import_batch
+from craftflow_migrations.nas.listing import list_nas
+from craftflow_migrations.nas.thumbnail_packs import HEADER, PackWriter, ThumbnailStoreError, read_packed
+from craftflow_migrations.settings import NasSettings
+
+from .support import write_corpus
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_a_pack_reads_back_exactly_and_never_shows_a_wrong_picture(tmp_path):
+    folder = tmp_path / "thumbs"
+    writer = PackWriter(folder)
+    first = {_sha(b"a"): b"\xff\xd8 one", _sha(b"b"): b"", _sha(b"c"): os.urandom(70_000)}
+    placed = writer.append_all(first.items())
+    placed += writer.append_all([(_sha(b"d"), b"later flush")])  # appended after the first flush
+    writer.close()
+    assert len({p.pack for p in placed}) == 1 and placed[0].pack.endswith(".pack")
+    found, problems = read_packed(folder, placed)
+    assert found == {**first, _sha(b"d"): b"later flush"} and problems == []
+
+    # An index entry pointing at another record, past the end, or into a missing pack: left out, said once.
+    wrong_place = [placed[0].__class__(placed[0].sha256, placed[0].pack, placed[2].offset, placed[2].length)]
+    past_end = [placed[3].__class__(placed[3].sha256, placed[3].pack, placed[3].offset + 10_000, 5)]
+    found, problems = read_packed(folder, wrong_place + past_end)
+    assert found == {} and len(problems) == 1 and "2 record(s) missing or not the thumbnail indexed" in problems[0]
+    shutil.move(folder, tmp_path / "moved")
+    found, problems = read_packed(folder, placed)
+    assert found == {} and len(problems) == 1
+    assert str(folder / placed[0].pack) in problems[0] and "set CRAFTFLOW_THUMBNAIL_DIR" in problems[0]
+    assert read_packed(tmp_path / "moved", placed)[0][_sha(b"d")] == b"later flush"
+
+
+def test_records_describe_themselves(tmp_path):
+    """A pack holds its own index: each record's header names the sha256 and the length."""
+    writer = PackWriter(tmp_path)
+    (placed,) = writer.append_all([(_sha(b"x"), b"picture")])
+    data = (tmp_path / placed.pack).read_bytes()
+    magic, sha, length = HEADER.unpack_from(data)
+    assert (magic, sha.hex(), length, data[HEADER.size:]) == (b"CFT1", _sha(b"x"), 7, b"picture")
+
+
+def _import(url: str, base, settings: NasSettings):
+    files = sorted((f for li in list_nas(LocalNasClient(base))[0].values() for f in li.files), key=lambda f: f.path)
+    import_batch(LocalNasClient(base), get_engine(url), files, datetime.now(timezone.utc), settings,
+                 had_rows=frozenset())
+    return files
+
+
+@pytest.mark.parametrize("where", ["folder", "postgres"])
+def test_an_import_stores_each_thumbnail_once_and_reads_it_back_exactly(migrated_url, tmp_path, where):
+    base = tmp_path / "nas"
+    paths = write_corpus(base, {("Shop", "T"): 6}, size=(500, 300))
+    shutil.copy(paths[0], base / "Shop" / "T" / "same bytes again.png")  # content-addressed: one thumbnail
+    folder = tmp_path / "thumbs"
+    _import(migrated_url, base, NasSettings(thumbnail_store=where, thumbnail_dir=str(folder)))
+    expected = {}
+    for path in sorted((base / "Shop" / "T").iterdir()):
+        facts = describe_image(path.read_bytes())
+        expected[facts.sha256] = facts.thumbnail
+    with get_engine(migrated_url).connect() as conn:
+        rows = conn.execute(text("SELECT sha256, jpeg IS NULL AS packed, pack FROM design_thumbnails")).all()
+        assert len(rows) == len(expected) == 6
+        assert all(r.packed == (where == "folder") and (r.pack is not None) == (where == "folder") for r in rows)
+        assert store.thumbnails(conn, list(expected) + ["0" * 64], folder) == expected
+    packs = list(folder.rglob("*.pack")) if folder.exists() else []
+    assert len(packs) == (1 if where == "folder" else 0)
+
+
+def test_a_thumbnail_folder_that_cannot_be_written_fails_the_batch_in_one_line_and_writes_no_row(
+        migrated_url, tmp_path):
+    base = tmp_path / "nas"
+    write_corpus(base, {("Shop", "T"): 2}, size=(200, 100))
+    in_the_way = tmp_path / "a file"
+    in_the_way.write_bytes(b"")
+    with pytest.raises(ThumbnailStoreError) as raised:
+        _import(migrated_url, base, NasSettings(thumbnail_dir=str(in_the_way / "thumbs")))
+    message = str(raised.value)
+    assert "\n" not in message and str(in_the_way / "thumbs") in message and "CRAFTFLOW_THUMBNAIL_DIR" in message
+    with get_engine(migrated_url).connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM design_images")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM design_thumbnails")).scalar() == 0
