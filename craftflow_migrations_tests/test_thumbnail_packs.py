@@ -43,6 +43,10 @@ def test_a_pack_reads_back_exactly_and_never_shows_a_wrong_picture(tmp_path):
     past_end = [placed[3].__class__(placed[3].sha256, placed[3].pack, placed[3].offset + 10_000, 5)]
     found, problems = read_packed(folder, wrong_place + past_end)
     assert found == {} and len(problems) == 1 and "2 record(s) missing or not the thumbnail indexed" in problems[0]
+    # An index row naming anything but a pack of the folder is never opened.
+    (tmp_path / "secret").write_bytes(b"x" * 100)
+    found, problems = read_packed(folder, [placed[0].__class__(placed[0].sha256, "../secret", 40, 10)])
+    assert found == {} and len(problems) == 1 and "'../secret', not a pack of" in problems[0]
     shutil.move(folder, tmp_path / "moved")
     found, problems = read_packed(folder, placed)
     assert found == {} and len(problems) == 1

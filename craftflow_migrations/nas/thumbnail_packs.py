@@ -18,6 +18,7 @@ pack it is one ``write`` among thousands (``benchmarks/README.md``).
 from __future__ import annotations
 
 import os
+import re
 import struct
 import uuid
 from collections import defaultdict
@@ -29,6 +30,8 @@ from pathlib import Path
 MAGIC = b"CFT1"
 HEADER = struct.Struct(">4s32sI")  # magic, the file's sha256 (raw), the thumbnail's length
 SETTING = "CRAFTFLOW_THUMBNAIL_DIR"
+# What PackWriter names its packs; an index row naming anything else is never opened.
+PACK_NAME = re.compile(r"\d{4}-\d{2}/[0-9a-f]{32}\.pack")
 
 
 class ThumbnailStoreError(RuntimeError):
@@ -145,6 +148,10 @@ def read_packed(folder: Path, packed: Iterable[PackedThumbnail]) -> tuple[dict[s
     problems: list[str] = []
     for name, wanted in sorted(by_pack.items()):
         path = folder / name
+        if not PACK_NAME.fullmatch(name or ""):
+            problems.append(f"thumbnail index names {name!r}, not a pack of {folder}: {len(wanted)} thumbnail(s) "
+                            "not shown (the row was not written by an import)")
+            continue
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
