@@ -330,6 +330,25 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_thumbnails(args: argparse.Namespace) -> int:
+    """Where thumbnails live, and whether every packed one reads back (after moving the folder)."""
+    from .nas.store import check_thumbnails
+
+    nas = settings.get_settings().nas
+    with get_engine(_database_url()).connect() as conn:
+        check = check_thumbnails(conn, nas.thumbnail_folder)
+    _out(f"Thumbnails: {check.in_postgres} in PostgreSQL, {check.in_packs} in {check.packs} pack(s) under "
+         f"{nas.thumbnail_folder} ({check.pack_bytes / 2**20:,.1f} MB read back); new ones go to "
+         f"{'packs' if nas.thumbnail_store == 'folder' else 'PostgreSQL'} (CRAFTFLOW_THUMBNAIL_STORE)")
+    for line in check.problems[:20]:
+        _out(f"  {line}")
+    if check.unreadable:
+        _out(f"❌ {check.unreadable} thumbnail(s) could not be read back: if the folder moved, set "
+             "CRAFTFLOW_THUMBNAIL_DIR to it; otherwise `import --force` the folders they belong to")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="craftflow-migrate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
@@ -362,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     dups.add_argument("--shop", help="only groups with a file in this shop")
     dups.add_argument("--json", action="store_true", help="machine-readable list of groups")
     dups.set_defaults(func=cmd_duplicates)
+    thumbs = sub.add_parser("thumbnails", help="where thumbnails live; read every packed one back (after a move)")
+    thumbs.set_defaults(func=cmd_thumbnails)
     demo = sub.add_parser("demo", help="run MIGRATION_MODE=all on an embedded PostgreSQL and a sample NAS")
     demo.add_argument("--dir", default="demo_output", help="where the embedded data and sample NAS live")
     demo.set_defaults(func=cmd_demo)

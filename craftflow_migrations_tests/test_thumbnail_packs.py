@@ -103,3 +103,28 @@ def test_a_thumbnail_folder_that_cannot_be_written_fails_the_batch_in_one_line_a
     with get_engine(migrated_url).connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM design_images")).scalar() == 0
         assert conn.execute(text("SELECT count(*) FROM design_thumbnails")).scalar() == 0
+
+
+def test_the_thumbnails_command_finds_every_picture_after_the_folder_moves(migrated_url, dagster_home, tmp_path):
+    """An operator moves the packs, runs `craftflow-migrate thumbnails`: it says what is missing and what to set."""
+    import subprocess
+    import sys
+
+    from .conftest import cli_env
+    from .support import import_local_folder
+
+    base = tmp_path / "nas"
+    write_corpus(base, {("Shop", "T"): 4}, size=(300, 200))
+    import_local_folder(migrated_url, base)  # thumbnails in packs under DAGSTER_HOME/thumbnails
+    cli = [sys.executable, "-m", "craftflow_migrations.cli", "thumbnails"]
+    ok = subprocess.run(cli, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert f"0 in PostgreSQL, 4 in 1 pack(s) under {dagster_home / 'thumbnails'}" in ok.stdout
+
+    shutil.move(dagster_home / "thumbnails", tmp_path / "elsewhere")
+    missing = subprocess.run(cli, env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert "❌ 4 thumbnail(s) could not be read back: if the folder moved, set CRAFTFLOW_THUMBNAIL_DIR" in missing.stdout
+    moved = subprocess.run(cli, env=cli_env(CRAFTFLOW_THUMBNAIL_DIR=str(tmp_path / "elsewhere")),
+                           capture_output=True, text=True, timeout=120)
+    assert moved.returncode == 0 and f"4 in 1 pack(s) under {tmp_path / 'elsewhere'}" in moved.stdout

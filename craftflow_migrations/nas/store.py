@@ -236,6 +236,43 @@ def thumbnails(conn: Connection, shas: Iterable[str], folder: Path | None = None
     return found
 
 
+@dataclass(frozen=True)
+class ThumbnailCheck:
+    """Where the stored thumbnails are, and which of them could not be read back."""
+
+    in_postgres: int
+    in_packs: int
+    packs: int
+    pack_bytes: int
+    unreadable: int
+    problems: list[str]
+
+
+def check_thumbnails(conn: Connection, folder: Path, chunk: int = 10_000) -> ThumbnailCheck:
+    """Read every packed thumbnail back from ``folder`` (by sha256, ``chunk`` rows at a time), as
+    the report would: after moving the folder, this says whether every picture is found."""
+    in_postgres, in_packs = conn.execute(text(
+        "SELECT count(*) FILTER (WHERE pack IS NULL), count(*) FILTER (WHERE pack IS NOT NULL) "
+        "FROM design_thumbnails")).one()
+    packs: set[str] = set()
+    pack_bytes = unreadable = 0
+    problems: list[str] = []
+    after = ""
+    while True:
+        rows = conn.execute(text(
+            "SELECT sha256, pack, pack_offset, pack_length FROM design_thumbnails "
+            "WHERE pack IS NOT NULL AND sha256 > :after ORDER BY sha256 LIMIT :n"), {"after": after, "n": chunk}).all()
+        if not rows:
+            break
+        after = rows[-1].sha256
+        found, lines = read_packed(folder, [PackedThumbnail(*r) for r in rows])
+        packs.update(r.pack for r in rows)
+        pack_bytes += sum(len(v) for v in found.values())
+        unreadable += len(rows) - len(found)
+        problems.extend(line for line in lines if line not in problems)
+    return ThumbnailCheck(in_postgres, in_packs, len(packs), pack_bytes, unreadable, problems)
+
+
 def mark_removed(conn: Connection, removed: Sequence[tuple[str, str, str]], listed_at: datetime) -> int:
     """Mark (shop, template, path) rows removed, unless a newer listing wrote them since."""
     if not removed:
