@@ -128,3 +128,41 @@ def test_the_thumbnails_command_finds_every_picture_after_the_folder_moves(migra
     moved = subprocess.run(cli, env=cli_env(CRAFTFLOW_THUMBNAIL_DIR=str(tmp_path / "elsewhere")),
                            capture_output=True, text=True, timeout=120)
     assert moved.returncode == 0 and f"4 in 1 pack(s) under {tmp_path / 'elsewhere'}" in moved.stdout
+
+
+def test_a_full_disk_mid_import_fails_in_one_line_and_the_rerun_completes(migrated_url, tmp_path):
+    """The pack folder on a real 256 KB file system fills up mid-import: the batch fails with one
+    line, every committed row still shows its picture, and once there is room the re-run
+    imports the rest, each file once."""
+    import subprocess
+
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        from .support import import_local_folder
+
+        base = tmp_path / "nas"
+        write_corpus(base, {("Shop", "T"): 40}, size=(640, 480))  # noise: 20-30 KB thumbnails
+        settings = NasSettings(thumbnail_dir=str(tiny / "thumbs"), commit_every=4)
+        with pytest.raises(ThumbnailStoreError) as raised:
+            import_local_folder(migrated_url, base, settings=settings)
+        message = str(raised.value)
+        assert "\n" not in message and "No space left on device" in message and str(tiny / "thumbs") in message
+        engine = get_engine(migrated_url)
+
+        def rows_and_pictures() -> tuple[int, int]:
+            with engine.connect() as conn:
+                shas = conn.execute(text("SELECT sha256 FROM design_images WHERE status = 'ok'")).scalars().all()
+                return len(shas), len(store.thumbnails(conn, shas, tiny / "thumbs"))
+
+        committed, shown = rows_and_pictures()
+        assert 0 < committed < 40 and shown == committed
+        subprocess.run(["mount", "-o", "remount,size=16m", str(tiny)], check=True)
+        import_local_folder(migrated_url, base, settings=settings)
+        assert rows_and_pictures() == (40, 40)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT count(DISTINCT path) FROM design_images")).scalar() == 40
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], capture_output=True)
