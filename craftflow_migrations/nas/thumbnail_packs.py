@@ -99,6 +99,7 @@ class PackWriter:
         try:
             _write_all(self.fd, pieces)
             os.fsync(self.fd)
+            _drop_cached(self.fd, offset)
         except OSError as exc:
             raise _cannot_write(self.folder, exc) from None
         self.size = offset
@@ -124,6 +125,23 @@ def _write_all(fd: int, pieces: list[bytes]) -> None:
             rest = memoryview(b"".join(group))[written:]
             while rest:
                 rest = rest[os.write(fd, rest):]
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _drop_cached(fd: int, size: int) -> None:
+    """Let the kernel drop a pack's pages once they are on disk, all but the last, partial one
+    (the next flush appends to it; dropped, it would be read back from disk first).
+
+    Written once and read rarely (the report reads the few it shows), they would grow the
+    page cache by a GB per 100,000 small files, pushing out the NAS's files and PostgreSQL's;
+    and each new page-cache page cost this VM about 1.7 us a KB: 19-21 us of system time a
+    9 KB record kept against 4.8-5.1 dropped, alternated three times.
+    """
+    whole_pages = size - size % _PAGE
+    if whole_pages and hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, whole_pages, os.POSIX_FADV_DONTNEED)
 
 
 def _fsync_folder(folder: Path) -> None:
