@@ -12,7 +12,7 @@ at, never a row pointing at bytes that are not there.
 
 Why a folder: kept in PostgreSQL, a 9 KB thumbnail cost the machine 0.1-0.18 ms (TOAST chunks,
 their index, WAL, the COPY stream), as much as hashing the small file it shows; appended to a
-pack it is one ``write`` among thousands (``benchmarks/README.md``).
+pack it is a piece of one ``writev`` a flush (``benchmarks/README.md``, item 43).
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class PackWriter:
         self.name = name
 
     def append_all(self, thumbnails: Iterable[tuple[str, bytes]]) -> list[PackedThumbnail]:
-        """Append every ``(sha256, bytes)``, in one write, and make them durable (``fsync``)."""
+        """Append every ``(sha256, bytes)`` in one ``writev`` and make them durable (``fsync``)."""
         pieces: list[bytes] = []
         placed: list[PackedThumbnail] = []
         offset = self.size
@@ -117,7 +117,7 @@ def _write_all(fd: int, pieces: list[bytes]) -> None:
     Joined first, a flush's 46 MB of small files' thumbnails was one more buffer to fault in
     and copy: 28 us of system time a 9 KB thumbnail, against 18-24 this way.
     """
-    iov_max = getattr(os, "IOV_MAX", None) or os.sysconf("SC_IOV_MAX")
+    iov_max = os.sysconf("SC_IOV_MAX")
     for start in range(0, len(pieces), iov_max):
         group = pieces[start:start + iov_max]
         written = os.writev(fd, group)
