@@ -83,6 +83,11 @@ class PackWriter:
 
     def append_all(self, thumbnails: Iterable[tuple[str, bytes]]) -> list[PackedThumbnail]:
         """Append every ``(sha256, bytes)`` in one ``writev`` and make them durable (``fsync``)."""
+        thumbnails = list(thumbnails)
+        if not thumbnails:
+            return []
+        if self.fd is None:
+            self._open()
         pieces: list[bytes] = []
         placed: list[PackedThumbnail] = []
         offset = self.size
@@ -90,12 +95,8 @@ class PackWriter:
             pieces.append(HEADER.pack(MAGIC, bytes.fromhex(sha), len(data)))
             pieces.append(data)
             offset += HEADER.size
-            placed.append(PackedThumbnail(sha, "", offset, len(data)))
+            placed.append(PackedThumbnail(sha, self.name, offset, len(data)))
             offset += len(data)
-        if not placed:
-            return []
-        if self.fd is None:
-            self._open()
         try:
             _write_all(self.fd, pieces)
             os.fsync(self.fd)
@@ -103,7 +104,7 @@ class PackWriter:
         except OSError as exc:
             raise _cannot_write(self.folder, exc) from None
         self.size = offset
-        return [PackedThumbnail(p.sha256, self.name, p.offset, p.length) for p in placed]
+        return placed
 
     def close(self) -> None:
         if self.fd is not None:
