@@ -138,6 +138,26 @@ def test_thumbnails_by_copy_keep_the_first_and_survive_a_concurrent_writer(migra
     assert stored == {"1" * 64: b"first\x00", "2" * 64: b"\x00\xff" * 40_000, "3" * 64: b"theirs", "4" * 64: b"four"}
 
 
+def test_packed_thumbnails_survive_a_concurrent_writer_too(migrated_url, tmp_path):
+    """The same race with thumbnails in packs: our COPY of index rows rolls back to its
+    savepoint, the rows go in with ON CONFLICT DO NOTHING, and every sha256 reads back the
+    picture of whichever import indexed it first (ours, for the one nobody else had)."""
+    from craftflow_migrations.nas.thumbnail_packs import PackWriter
+
+    engine = get_engine(migrated_url)
+    folder = tmp_path / "thumbs"
+    packs = PackWriter(folder)
+    with engine.connect() as other:
+        other.execute(text("INSERT INTO design_thumbnails (sha256, jpeg) VALUES (:s, 'theirs')"), {"s": "3" * 64})
+        _waits_then_commits(engine, other, lambda conn: store.save_thumbnails(
+            conn, {"3" * 64: b"ours", "4" * 64: b"four"}, packs))
+    packs.close()
+    with engine.connect() as conn:
+        assert store.thumbnails(conn, ["3" * 64, "4" * 64], folder) == {"3" * 64: b"theirs", "4" * 64: b"four"}
+        assert conn.execute(text("SELECT pack IS NOT NULL FROM design_thumbnails WHERE sha256 = :s"),
+                            {"s": "4" * 64}).scalar()
+
+
 def _stored_rows(conn) -> dict:
     return {r.path: tuple(r) for r in conn.execute(text(
         "SELECT shop, template, path, path_bytes, size_bytes, mtime, sha256, phash, hash_algorithm, hash_size, "
