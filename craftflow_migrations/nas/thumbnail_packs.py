@@ -73,8 +73,7 @@ class PackWriter:
         path = self.folder / name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0),
-                              0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
             # The new name itself must survive a crash, or a committed row would point at nothing.
             _fsync_folder(path.parent)
         except OSError as exc:
@@ -128,7 +127,7 @@ def _write_all(fd: int, pieces: list[bytes]) -> None:
                 rest = rest[os.write(fd, rest):]
 
 
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _drop_cached(fd: int, size: int) -> None:
