@@ -89,8 +89,7 @@ def test_upsert_by_copy_keeps_every_value_exactly(migrated_url):
                           ImageFacts("b" * 64, "0" * 64, 1, 1, "PNG"), early)
     with engine.begin() as conn:
         assert store.upsert(conn, [stale]) == 0
-        stale["listed_at"] = late
-        assert store.upsert(conn, [stale]) == 1
+        assert store.upsert(conn, [stale._replace(listed_at=late)]) == 1
         assert conn.execute(text("SELECT sha256 FROM design_images WHERE size_bytes = 1")).scalar() == "b" * 64
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import shutil
 from datetime import datetime, timezone
 
@@ -12,12 +13,18 @@ import pytest
 from sqlalchemy import text
 
 from craftflow_migrations.db import get_engine
-from craftflow_migrations.nas import store
+from craftflow_migrations.nas import store, thumbnail_packs
 from craftflow_migrations.nas.clients.local import LocalNasClient
 from craftflow_migrations.nas.hashing import describe_image
 from craftflow_migrations.nas.importer import import_batch
 from craftflow_migrations.nas.listing import list_nas
-from craftflow_migrations.nas.thumbnail_packs import HEADER, PackWriter, ThumbnailStoreError, read_packed
+from craftflow_migrations.nas.thumbnail_packs import (
+    ALIGN,
+    HEADER,
+    PackWriter,
+    ThumbnailStoreError,
+    read_packed,
+)
 from craftflow_migrations.settings import NasSettings
 
 from .support import write_corpus
@@ -27,9 +34,10 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_a_pack_reads_back_exactly_and_never_shows_a_wrong_picture(tmp_path):
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "page cache"])
+def test_a_pack_reads_back_exactly_and_never_shows_a_wrong_picture(tmp_path, direct):
     folder = tmp_path / "thumbs"
-    writer = PackWriter(folder)
+    writer = PackWriter(folder, direct=direct)
     first = {_sha(b"a"): b"\xff\xd8 one", _sha(b"b"): b"", _sha(b"c"): os.urandom(70_000)}
     placed = writer.append_all(first.items())
     placed += writer.append_all([(_sha(b"d"), b"later flush")])  # appended after the first flush
@@ -54,13 +62,61 @@ def test_a_pack_reads_back_exactly_and_never_shows_a_wrong_picture(tmp_path):
     assert read_packed(tmp_path / "moved", placed)[0][_sha(b"d")] == b"later flush"
 
 
-def test_records_describe_themselves(tmp_path):
+def _scan(pack: bytes) -> list[tuple[str, bytes]]:
+    """Every record of a pack, read as a re-indexing tool would: header after header, and
+    where no header's magic is found, the next 4 KB boundary (a direct flush's padding)."""
+    records, at = [], 0
+    while at + HEADER.size <= len(pack):
+        magic, sha, length = HEADER.unpack_from(pack, at)
+        if magic != b"CFT1":
+            assert pack[at:-(-at // ALIGN) * ALIGN or None].strip(b"\0") == b""
+            at = (at // ALIGN + 1) * ALIGN
+            continue
+        records.append((sha.hex(), pack[at + HEADER.size:at + HEADER.size + length]))
+        at += HEADER.size + length
+    return records
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "page cache"])
+def test_records_describe_themselves(tmp_path, direct):
     """A pack holds its own index: each record's header names the sha256 and the length."""
-    writer = PackWriter(tmp_path)
+    writer = PackWriter(tmp_path, direct=direct)
     (placed,) = writer.append_all([(_sha(b"x"), b"picture")])
+    assert writer.direct == direct  # this file system takes O_DIRECT
     data = (tmp_path / placed.pack).read_bytes()
     magic, sha, length = HEADER.unpack_from(data)
-    assert (magic, sha.hex(), length, data[HEADER.size:]) == (b"CFT1", _sha(b"x"), 7, b"picture")
+    assert (magic, sha.hex(), length, data[HEADER.size:HEADER.size + length]) == (b"CFT1", _sha(b"x"), 7, b"picture")
+    assert len(data) == (ALIGN if direct else HEADER.size + 7) and _scan(data) == [(_sha(b"x"), b"picture")]
+
+
+def test_direct_flushes_larger_than_the_buffer_and_records_across_it_read_back(tmp_path, monkeypatch):
+    """Flushes of many buffers' worth, records crossing the buffer's end and records larger than
+    the whole buffer: every one reads back by its index entry and by scanning the pack."""
+    monkeypatch.setattr(thumbnail_packs, "DIRECT_BUFFER_BYTES", 2 * ALIGN)
+    writer = PackWriter(tmp_path)
+    rng = random.Random(7)
+    flushes = [[(_sha(f"{f}-{i}".encode()), rng.randbytes(rng.choice([0, 1, 4056, 4057, 8152, 9000, 20_000])))
+                for i in range(rng.randint(1, 12))] for f in range(8)]
+    placed = [p for flush in flushes for p in writer.append_all(flush)]
+    writer.close()
+    expected = dict(item for flush in flushes for item in flush)
+    assert read_packed(tmp_path, placed) == (expected, [])
+    pack = (tmp_path / placed[0].pack).read_bytes()
+    assert len(pack) % ALIGN == 0 and _scan(pack) == [item for flush in flushes for item in flush]
+
+
+def test_a_device_that_refuses_the_direct_writes_gets_them_through_the_page_cache(tmp_path, monkeypatch):
+    """Blocks larger than ALIGN (here: ALIGN made smaller than the disk's): the kernel refuses
+    the first direct write, and the same flush and every later one go through the page cache."""
+    monkeypatch.setattr(thumbnail_packs, "ALIGN", 100)
+    writer = PackWriter(tmp_path)
+    placed = writer.append_all([(_sha(b"a"), b"first"), (_sha(b"b"), os.urandom(5000))])
+    assert not writer.direct
+    placed += writer.append_all([(_sha(b"c"), b"second flush")])
+    writer.close()
+    found, problems = read_packed(tmp_path, placed)
+    assert problems == [] and found[_sha(b"a")] == b"first" and found[_sha(b"c")] == b"second flush"
+    assert (tmp_path / placed[0].pack).stat().st_size == 3 * HEADER.size + 5 + 5000 + 12
 
 
 def _import(url: str, base, settings: NasSettings):

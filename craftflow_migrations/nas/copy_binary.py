@@ -44,10 +44,13 @@ def _fixed(fmt: str) -> Callable[[int, list[bytes]], None]:
 
 
 _int8 = _fixed("!q")
+_PG_EPOCH_US = (_PG_EPOCH - datetime(1970, 1, 1, tzinfo=timezone.utc)) // _US
 
 # Binary forms: text, char(n) and enum labels are their UTF-8 bytes; timestamptz is int64
-# microseconds since 2000-01-01 UTC (integer datetimes, PostgreSQL's only kind since 10).
-# Each encoder appends its value's pieces to the stream.
+# microseconds since 2000-01-01 UTC (integer datetimes, PostgreSQL's only kind since 10), from
+# a datetime or, as ``timestamptz_us``, from integer microseconds since the Unix epoch (a
+# file's mtime as listed: no datetime made per file, and exact). Each encoder appends its
+# value's pieces to the stream.
 ENCODERS: dict[str, Callable[[object, list[bytes]], None]] = {
     "text": _varlena,
     "bytea": _varlena,
@@ -55,6 +58,7 @@ ENCODERS: dict[str, Callable[[object, list[bytes]], None]] = {
     "int4": _fixed("!i"),
     "int8": _int8,
     "timestamptz": lambda value, out: _int8((value - _PG_EPOCH) // _US, out),
+    "timestamptz_us": lambda value, out: _int8(value - _PG_EPOCH_US, out),
 }
 
 
@@ -74,20 +78,31 @@ def encode(rows: Iterable[Sequence], types: Sequence[str]) -> bytes:
     return b"".join(out)
 
 
+# What a row's values other than bytea add to the stream, at most, for the chunking below:
+# the import's text values are names, hashes and one-line errors.
+ROW_BYTES_BESIDES_BYTEA = 4096
+
+
 def copy_rows(conn: Connection, table: str, columns: Sequence[str], types: Sequence[str], rows: Iterable[Sequence],
               chunk_bytes: int = 32 * 1024 * 1024) -> None:
     """COPY ``rows`` into ``table`` in this connection's transaction (COPY has no ON CONFLICT).
 
-    One COPY per ``chunk_bytes`` of values, so a flush never holds a second copy of all it sends.
+    One COPY per ``chunk_bytes`` of bytea values (thumbnails, when they are kept in
+    PostgreSQL) or of rows, so a flush never holds a second copy of all it sends. Only the
+    bytea values are measured: summing every value's length cost 1.7 us a row.
     """
     statement = f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT binary)"
+    binary = [i for i, t in enumerate(types) if t == "bytea"]
     cursor = conn.connection.dbapi_connection.cursor()
     try:
         chunk: list[Sequence] = []
         size = 0
         for row in rows:
             chunk.append(row)
-            size += sum(len(v) for v in row if isinstance(v, (str, bytes)))
+            size += ROW_BYTES_BESIDES_BYTEA
+            for i in binary:
+                if row[i] is not None:
+                    size += len(row[i])
             if size >= chunk_bytes:
                 cursor.copy_expert(statement, io.BytesIO(encode(chunk, types)), size=_SEND_BYTES)
                 chunk, size = [], 0

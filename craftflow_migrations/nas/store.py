@@ -12,11 +12,12 @@ never resurrected by an import that listed earlier.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from psycopg2 import Binary
 from psycopg2.errors import UniqueViolation
@@ -100,30 +101,40 @@ def known_files(conn: Connection, files: Sequence[NasFile]) -> dict[tuple[str, s
             for r in rows}
 
 
-def row_for(f: NasFile, facts: ImageFacts, listed_at: datetime, status: str | None = None) -> dict:
-    return {
-        "shop": f.shop,
-        "template": f.template,
-        "path": f.path,
-        "path_bytes": f.raw_path,
-        "size_bytes": f.size,
-        "mtime": to_timestamp(f.mtime_us),
-        "sha256": facts.sha256,
-        "phash": facts.phash,
-        "hash_algorithm": PHASH_ALGORITHM if facts.phash else None,
-        "hash_size": HASH_SIZE if facts.phash else None,
-        "width": facts.width,
-        "height": facts.height,
-        "format": facts.format,
-        "status": status or ("ok" if facts.ok else "failed"),
-        "error": facts.error,
-        "listed_at": listed_at,
-    }
+class DesignImageRow(NamedTuple):
+    """One ``design_images`` row as the import writes it, in the COPY's column order.
+
+    A tuple, not a dict: built and encoded for every file of a batch, a dict of 16 keys and
+    its conversion to a tuple for COPY cost 3.5 us a file (``benchmarks/README.md``, item 44).
+    """
+
+    shop: str
+    template: str
+    path: str
+    path_bytes: bytes | None
+    size_bytes: int
+    mtime_us: int  # the ``mtime`` column: integer microseconds since the Unix epoch, exact
+    sha256: str | None
+    phash: str | None
+    hash_algorithm: str | None
+    hash_size: int | None
+    width: int | None
+    height: int | None
+    format: str | None
+    status: str
+    error: str | None
+    listed_at: datetime
 
 
-_COLUMNS = ("shop", "template", "path", "path_bytes", "size_bytes", "mtime", "sha256", "phash", "hash_algorithm",
-            "hash_size", "width", "height", "format", "status", "error", "listed_at")
-_TYPES = ("text", "text", "text", "bytea", "int8", "timestamptz", "text", "text", "text",
+def row_for(f: NasFile, facts: ImageFacts, listed_at: datetime, status: str | None = None) -> DesignImageRow:
+    return DesignImageRow(
+        f.shop, f.template, f.path, f.raw_path, f.size, f.mtime_us, facts.sha256, facts.phash,
+        PHASH_ALGORITHM if facts.phash else None, HASH_SIZE if facts.phash else None,
+        facts.width, facts.height, facts.format, status or ("ok" if facts.ok else "failed"), facts.error, listed_at)
+
+
+_COLUMNS = tuple("mtime" if name == "mtime_us" else name for name in DesignImageRow._fields)
+_TYPES = ("text", "text", "text", "bytea", "int8", "timestamptz_us", "text", "text", "text",
           "int2", "int4", "int4", "text", "text", "text", "timestamptz")
 _INCOMING = "incoming_design_images"
 _UPSERT = f"""
@@ -134,7 +145,7 @@ _UPSERT = f"""
 """
 
 
-def upsert(conn: Connection, rows: Sequence[dict], fresh: Sequence[dict] = ()) -> int:
+def upsert(conn: Connection, rows: Sequence[DesignImageRow], fresh: Sequence[DesignImageRow] = ()) -> int:
     """Insert or update rows; rows a newer listing wrote are left alone.
 
     ``rows`` go by binary COPY into a temporary table of this transaction, then in one
@@ -152,7 +163,7 @@ def upsert(conn: Connection, rows: Sequence[dict], fresh: Sequence[dict] = ()) -
     if fresh:
         try:
             with conn.begin_nested():
-                copy_rows(conn, "design_images", _COLUMNS, _TYPES, [tuple(r[c] for c in _COLUMNS) for r in fresh])
+                copy_rows(conn, "design_images", _COLUMNS, _TYPES, fresh)
             copied = len(fresh)
         except UniqueViolation:
             rows = [*rows, *fresh]
@@ -160,7 +171,7 @@ def upsert(conn: Connection, rows: Sequence[dict], fresh: Sequence[dict] = ()) -
         return copied
     conn.exec_driver_sql(f"CREATE TEMPORARY TABLE {_INCOMING} AS SELECT {', '.join(_COLUMNS)} "
                          "FROM design_images WITH NO DATA")
-    copy_rows(conn, _INCOMING, _COLUMNS, _TYPES, [tuple(r[c] for c in _COLUMNS) for r in rows])
+    copy_rows(conn, _INCOMING, _COLUMNS, _TYPES, rows)
     count = conn.exec_driver_sql(_UPSERT).rowcount
     conn.exec_driver_sql(f"DROP TABLE {_INCOMING}")
     return copied + count
@@ -169,6 +180,7 @@ def upsert(conn: Connection, rows: Sequence[dict], fresh: Sequence[dict] = ()) -
 # The keys as char(64)[], the column's own type. A plain list travels as text[], and
 # ``char(64) = ANY(text[])`` casts the column: no index, a scan of the whole table for every
 # flush of every import (70 ms at 100,000 thumbnails, growing with the table).
+_HEX_KEYS = re.compile(r"[0-9a-f]{64}(,[0-9a-f]{64})*")
 STORED_THUMBNAILS = "SELECT sha256 FROM design_thumbnails WHERE sha256 = ANY(CAST(:s AS char(64)[]))"
 THUMBNAILS = ("SELECT sha256, jpeg, pack, pack_offset, pack_length FROM design_thumbnails "
               "WHERE sha256 = ANY(CAST(:s AS char(64)[]))")
@@ -192,7 +204,13 @@ def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackW
     """
     if not thumbnails:
         return
-    stored = {r.sha256 for r in conn.execute(text(STORED_THUMBNAILS), {"s": list(thumbnails)})}
+    # The keys as one array literal (hex digits need no quoting): as a list, psycopg2 quoted each
+    # of a flush's 5,000 strings apart.
+    keys = ",".join(thumbnails)
+    if not _HEX_KEYS.fullmatch(keys):
+        raise ValueError("thumbnails are keyed by the sha256 of their file, in lowercase hex")
+    keys = "{" + keys + "}"
+    stored = {r.sha256 for r in conn.execute(text(STORED_THUMBNAILS), {"s": keys})}
     new = [(sha, data) for sha, data in thumbnails.items() if sha not in stored]
     if not new:
         return
@@ -200,7 +218,7 @@ def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackW
         (columns, types), rows = _IN_POSTGRES, new
     else:
         (columns, types) = _IN_PACKS
-        rows = [(p.sha256, p.pack, p.offset, p.length) for p in packs.append_all(new)]
+        rows = packs.append_all(new)
     try:
         with conn.begin_nested():
             copy_rows(conn, "design_thumbnails", columns, types, rows)

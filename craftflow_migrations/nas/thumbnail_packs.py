@@ -4,28 +4,32 @@ Each batch step appends the thumbnails it makes to one pack file of its own
 (``<folder>/<yyyy-mm>/<uuid>.pack``), and its rows in PostgreSQL say where each one lies
 (pack, offset, length). A record is a 40-byte header (``CFT1``, the file's raw sha256, the
 length) and the bytes, so a pack describes itself: a reader checks that the header names the
-sha256 it asked for, and a pack can be verified or re-indexed without the database.
+sha256 it asked for, and a pack can be verified or re-indexed without the database (where a
+header's magic is missing, zeros pad a flush out to the next 4 KB boundary).
 
-Durability is ordered: a flush writes its records and ``fsync``s the pack before the
+Durability is ordered: a flush writes its records and ``fdatasync``s the pack before the
 transaction that indexes them commits. A step killed in between leaves bytes no row points
 at, never a row pointing at bytes that are not there.
 
 Why a folder: kept in PostgreSQL, a 9 KB thumbnail cost the machine 0.1-0.18 ms (TOAST chunks,
 their index, WAL, the COPY stream), as much as hashing the small file it shows; appended to a
-pack it is a piece of one ``writev`` a flush (``benchmarks/README.md``, item 43).
+pack it is a few microseconds of one write a flush (``benchmarks/README.md``, items 43-44).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 import re
 import struct
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 MAGIC = b"CFT1"
 HEADER = struct.Struct(">4s32sI")  # magic, the file's sha256 (raw), the thumbnail's length
@@ -38,9 +42,9 @@ class ThumbnailStoreError(RuntimeError):
     """The thumbnail folder cannot be written; the message names it, the setting and the fix."""
 
 
-@dataclass(frozen=True, slots=True)
-class PackedThumbnail:
-    """Where one thumbnail lies: its pack (relative to the folder), the offset of its bytes, their length."""
+class PackedThumbnail(NamedTuple):
+    """Where one thumbnail lies: its pack (relative to the folder), the offset of its bytes, their
+    length; in the order of its ``design_thumbnails`` columns, so it is the row COPY sends."""
 
     sha256: str
     pack: str
@@ -59,13 +63,24 @@ class PackWriter:
 
     One writer per batch step attempt: no two processes ever append to the same file, so no
     lock is needed, and a failed attempt's partial tail is in a pack nobody appends to again.
+
+    Where the file system takes it, records go around the page cache (``O_DIRECT``): a flush's
+    records are copied into one page-aligned buffer and written from it, each flush starting on
+    a :data:`ALIGN` boundary (its tail zero-padded, which no index row points at). Through the
+    page cache, a 9 KB thumbnail cost 3-6 us of system time to cache, write back and drop
+    again; written directly, under 1, for 1-2 us more of copying it into the buffer, and no
+    writeback left to the kernel's threads (``benchmarks/README.md``, item 44). Elsewhere (a
+    file system without direct I/O, a device with blocks larger than :data:`ALIGN`), or with
+    ``direct=False``, records go through the page cache with ``pwritev``, back to back.
     """
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, direct: bool = True):
         self.folder = folder
+        self.direct = direct  # tried at open; off where the file system refuses O_DIRECT
         self.name: str | None = None
         self.fd: int | None = None
         self.size = 0
+        self._buffer: mmap.mmap | None = None
 
     def _open(self) -> None:
         month = datetime.now(timezone.utc).strftime("%Y-%m")
@@ -73,58 +88,144 @@ class PackWriter:
         path = self.folder / name
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             # The new name itself must survive a crash, or a committed row would point at nothing.
             _fsync_folder(path.parent)
         except OSError as exc:
             raise _cannot_write(self.folder, exc) from None
         self.name = name
+        if self.direct:
+            try:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) | os.O_DIRECT)
+                self._buffer = mmap.mmap(-1, DIRECT_BUFFER_BYTES)  # page-aligned, as O_DIRECT needs
+            except (OSError, AttributeError):  # EINVAL: this file system has no direct I/O
+                self.direct = False
 
     def append_all(self, thumbnails: Iterable[tuple[str, bytes]]) -> list[PackedThumbnail]:
-        """Append every ``(sha256, bytes)`` in one ``writev`` and make them durable (``fsync``)."""
+        """Append every ``(sha256, bytes)`` and make them durable (``fdatasync``) before returning."""
         thumbnails = list(thumbnails)
         if not thumbnails:
             return []
         if self.fd is None:
             self._open()
-        pieces: list[bytes] = []
-        placed: list[PackedThumbnail] = []
-        offset = self.size
-        for sha, data in thumbnails:
-            pieces.append(HEADER.pack(MAGIC, bytes.fromhex(sha), len(data)))
-            pieces.append(data)
-            offset += HEADER.size
-            placed.append(PackedThumbnail(sha, self.name, offset, len(data)))
-            offset += len(data)
         try:
-            _write_all(self.fd, pieces)
-            os.fsync(self.fd)
-            _drop_cached(self.fd, offset)
+            if self.direct:
+                try:
+                    placed, end = _write_direct(self.fd, self.name, thumbnails, self.size, self._buffer)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    # A device whose blocks are larger than ALIGN: the page cache from here on.
+                    self._stop_direct()
+                    return self.append_all(thumbnails)
+                os.fdatasync(self.fd)
+            else:
+                placed, end = _write_buffered(self.fd, self.name, thumbnails, self.size)
+                os.fdatasync(self.fd)
+                _drop_cached(self.fd, end)
         except OSError as exc:
             raise _cannot_write(self.folder, exc) from None
-        self.size = offset
+        self.size = end
         return placed
+
+    def _stop_direct(self) -> None:
+        fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.direct = False
+        self._free_buffer()
 
     def close(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+        self._free_buffer()
+
+    def _free_buffer(self) -> None:
+        if self._buffer is not None:
+            try:
+                self._buffer.close()
+            except BufferError:  # a failed write's traceback still holds a view of it: freed with that
+                pass
+            self._buffer = None
 
 
-def _write_all(fd: int, pieces: list[bytes]) -> None:
-    """Every piece, in order, straight from its own buffer (``writev``, IOV_MAX pieces a call).
+# Direct writes start, and are as long as, a multiple of this (the logical block size of any
+# disk, 512 or 4096, divides it).
+ALIGN = 4096
+# One flush goes out in writes of at most this much; small enough to hold per batch step, large
+# enough that the disk is not waited on a write at a time.
+DIRECT_BUFFER_BYTES = 4 * 1024 * 1024
+
+
+def _write_direct(fd: int, pack: str, thumbnails: list[tuple[str, bytes]], offset: int,
+                  buffer: mmap.mmap) -> tuple[list[PackedThumbnail], int]:
+    """Records from ``offset`` (a multiple of :data:`ALIGN`), built in ``buffer`` and written
+    from it each time it fills; the last write zero-padded to :data:`ALIGN`. Returns where each
+    record lies and where the pack now ends."""
+    view = memoryview(buffer)
+    capacity, filled, start = len(buffer), 0, offset  # start: the file offset of the buffer's first byte
+    placed: list[PackedThumbnail] = []
+
+    def put(piece: bytes) -> None:  # the slow way, for the record that crosses a full buffer
+        nonlocal filled, start
+        rest = memoryview(piece)
+        while rest:
+            take = min(len(rest), capacity - filled)
+            view[filled:filled + take] = rest[:take]
+            filled, rest = filled + take, rest[take:]
+            if filled == capacity:
+                _pwrite_all(fd, view, start)
+                start, filled = start + capacity, 0
+
+    try:
+        for sha, data in thumbnails:
+            placed.append(PackedThumbnail(sha, pack, start + filled + HEADER.size, len(data)))
+            end = filled + HEADER.size + len(data)
+            if end <= capacity:
+                HEADER.pack_into(buffer, filled, MAGIC, bytes.fromhex(sha), len(data))
+                view[filled + HEADER.size:end] = data
+                filled = end
+            else:
+                put(HEADER.pack(MAGIC, bytes.fromhex(sha), len(data)))
+                put(data)
+        padded = -(-filled // ALIGN) * ALIGN
+        view[filled:padded] = bytes(padded - filled)
+        _pwrite_all(fd, view[:padded], start)
+        return placed, start + padded
+    finally:
+        view.release()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        done = os.pwrite(fd, data, offset)
+        data, offset = data[done:], offset + done
+
+
+def _write_buffered(fd: int, pack: str, thumbnails: list[tuple[str, bytes]],
+                    offset: int) -> tuple[list[PackedThumbnail], int]:
+    """Records back to back from ``offset``, each piece straight from its own buffer
+    (``pwritev``, IOV_MAX pieces a call). Returns where each lies and where the pack now ends.
 
     Joined first, a flush's 46 MB of small files' thumbnails was one more buffer to fault in
     and copy: 28 us of system time a 9 KB thumbnail, against 18-24 this way.
     """
+    pieces: list[bytes] = []
+    placed: list[PackedThumbnail] = []
+    end = offset
+    for sha, data in thumbnails:
+        pieces.append(HEADER.pack(MAGIC, bytes.fromhex(sha), len(data)))
+        pieces.append(data)
+        placed.append(PackedThumbnail(sha, pack, end + HEADER.size, len(data)))
+        end += HEADER.size + len(data)
     iov_max = os.sysconf("SC_IOV_MAX")
-    for start in range(0, len(pieces), iov_max):
-        group = pieces[start:start + iov_max]
-        written = os.writev(fd, group)
+    for first in range(0, len(pieces), iov_max):
+        group = pieces[first:first + iov_max]
+        written = os.pwritev(fd, group, offset)
+        offset += written
         if written < sum(len(p) for p in group):  # short (a signal, a nearly full disk): the rest in turn
-            rest = memoryview(b"".join(group))[written:]
-            while rest:
-                rest = rest[os.write(fd, rest):]
+            _pwrite_all(fd, memoryview(b"".join(group))[written:], offset)
+            offset += sum(len(p) for p in group) - written
+    return placed, end
 
 
 _PAGE = os.sysconf("SC_PAGE_SIZE")

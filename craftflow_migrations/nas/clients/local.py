@@ -104,10 +104,22 @@ class LocalNasClient(NasClient):
         # O_NOFOLLOW: a file swapped for a link after the listing is not followed out of the
         # base. O_NONBLOCK: one swapped for a named pipe is refused, not waited on forever.
         fd = os.open(self._abs(rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-        with os.fdopen(fd, "rb") as fh:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "no longer a regular file (replaced since the listing)")
-            return fh.read()
+            # One read of one byte more than its size: a file of that size is whole in one system
+            # call and no file object (a buffered file's read took a second call, to see the end,
+            # and 2-3 us more a small file). A short read, or a file grown since, reads on to the end.
+            data = os.read(fd, st.st_size + 1)
+            if len(data) == st.st_size:
+                return data
+            parts = [data]
+            while chunk := os.read(fd, 1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
 
     def reads_seen_waiting(self) -> None:
         self.share_waits = True
