@@ -228,3 +228,45 @@ def test_thumbnails_are_stored_out_of_line_without_compression(migrated_url):
                                     "'design_thumbnails'::regclass AND attname = 'jpeg'")).scalar()
         stored = conn.execute(text("SELECT pg_column_size(jpeg) FROM design_thumbnails")).scalar()
     assert (storage, stored) == ("e", 50_000)
+
+
+def test_a_batch_writes_its_rows_linked_to_their_shop(migrated_url, tmp_path):
+    """Rows go in with the shop of the folder's name, where exactly one shop has it: the summary's
+    link_shops then moves nothing (linked afterwards, every row was written twice). A re-import
+    of a folder no shop matches any more keeps the row's link."""
+    from datetime import datetime, timezone
+
+    from craftflow_migrations.nas.clients.local import LocalNasClient
+    from craftflow_migrations.nas.importer import import_batch
+    from craftflow_migrations.nas.listing import list_nas
+    from craftflow_migrations.settings import NasSettings
+
+    from .support import write_corpus
+
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO tenants (id, name, slug) VALUES (1, 'Acme', 'acme'), (2, 'Other', 'other')"))
+        conn.execute(text("INSERT INTO shops (tenant_id, name, platform) VALUES "
+                          "(1, :odd, 'etsy'), (1, 'Twice', 'etsy'), (2, 'Twice', 'shopify')"), {"odd": ODD[0]})
+    base = tmp_path / "nas"
+    write_corpus(base, {ODD: 3, ("Twice", "T"): 2, ("Nowhere", "T"): 2}, size=(40, 30))
+    settings = NasSettings(thumbnail_dir=str(tmp_path / "thumbs"))
+
+    def import_all(had_rows):
+        files = [f for li in list_nas(LocalNasClient(base))[0].values() for f in li.files]
+        import_batch(LocalNasClient(base), engine, files, datetime.now(timezone.utc), settings, had_rows=had_rows)
+
+    def links():
+        with engine.connect() as conn:
+            return sorted(conn.execute(text(
+                "SELECT d.shop, s.name FROM design_images d LEFT JOIN shops s ON s.id = d.shop_id")).all())
+
+    import_all(frozenset())
+    expected = sorted([(ODD[0], ODD[0])] * 3 + [("Twice", None)] * 2 + [("Nowhere", None)] * 2)
+    assert links() == expected
+    with engine.begin() as conn:
+        assert store.link_shops(conn, [ODD[0], "Twice", "Nowhere"]) == set()
+        conn.execute(text("UPDATE shops SET name = 'Renamed' WHERE name = :odd"), {"odd": ODD[0]})
+        conn.execute(text("UPDATE design_images SET size_bytes = 0"))  # every file changed: re-imported
+    import_all(None)  # a retry's way: through the upsert
+    assert links() == sorted([(ODD[0], "Renamed")] * 3 + [("Twice", None)] * 2 + [("Nowhere", None)] * 2)

@@ -56,6 +56,34 @@ def test_empty_database_to_head_then_rerun_is_a_noop(engine):
     assert again.count("skipped") == len(plan.of_kind("startup")) and again.count("applied") == 0
 
 
+def test_only_design_images_linked_to_a_shop_are_indexed_by_shop(engine):
+    """The NAS import's rows (no shop) are not in the shop index; lookups by shop and a shop's
+    deletion (ON DELETE SET NULL) still find theirs through it. Downgrade restores the full index."""
+    plan = discover(PACKAGE_MIGRATIONS)
+    assert run_pending(engine, plan, "startup", FAST).failed == []
+    with engine.begin() as conn:
+        tenant = conn.execute(text("INSERT INTO tenants (name, slug) VALUES ('t', 't') RETURNING id")).scalar()
+        shop = conn.execute(text("INSERT INTO shops (tenant_id, name, platform) VALUES (:t, 's', 'etsy') RETURNING id"),
+                            {"t": tenant}).scalar()
+        conn.execute(text("INSERT INTO design_images (shop, template, path, size_bytes, mtime, shop_id) "
+                          "SELECT 'S', 'T', 'S/T/' || i, 1, now(), CASE WHEN i = 1 THEN :s END "
+                          "FROM generate_series(1, 500) i"), {"s": shop})
+        conn.execute(text("ANALYZE design_images"))
+        assert index_state(conn, "design_images_shop_id_idx") is None
+        size = conn.execute(text("SELECT pg_relation_size('design_images_linked_shop_id_idx')")).scalar()
+        conn.execute(text("SET LOCAL enable_seqscan = off"))
+        plan_text = "\n".join(conn.execute(text("EXPLAIN SELECT id FROM design_images WHERE shop_id = :s"),
+                                           {"s": shop}).scalars())
+        assert "design_images_linked_shop_id_idx" in plan_text
+        conn.execute(text("DELETE FROM shops WHERE id = :s"), {"s": shop})
+        assert conn.execute(text("SELECT count(*) FROM design_images WHERE shop_id IS NOT NULL")).scalar() == 0
+    assert size <= 2 * 8192  # one linked row: the metapage and one leaf
+    downgrade_to(engine, plan, "harden_design_images", FAST)
+    with engine.connect() as conn:
+        assert index_state(conn, "design_images_shop_id_idx") == "valid"
+        assert index_state(conn, "design_images_linked_shop_id_idx") is None
+
+
 def test_platform_credentials_are_moved_out_of_shops(engine, tmp_path):
     plan = discover(PACKAGE_MIGRATIONS)
     # Stop before the move, add a shop with credentials, then finish.

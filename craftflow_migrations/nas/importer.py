@@ -274,8 +274,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     """Fetch, hash and store ``files``. Bad files are recorded; an unreachable NAS raises.
 
     ``had_rows`` are the paths that had a row when the run's listing was diffed (the plan
-    step knows them: the changed files). Given, as on a batch's first attempt, nothing is
-    asked of the database first, and the other files' rows go straight in by COPY
+    step knows them: the changed files). Given, as on a batch's first attempt, only the ids of
+    the batch's shops are asked of the database first, and the other files' rows go straight in by COPY
     (:func:`store.upsert`). Without it (a retry, a re-execution) one query finds the rows
     already there, and files an earlier attempt committed are skipped (asking it for 20,000
     paths held the GIL 0.016 ms a file: psycopg2 quoting three arrays of strings).
@@ -288,10 +288,11 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     result = BatchResult(label)
     started = time.monotonic()
 
-    if had_rows is None:
+    with engine.connect() as conn:
+        shop_ids = store.shop_ids(conn, {f.shop for f in files})  # rows go in linked to their shop
         # A retried batch skips what an earlier attempt already committed: one query for the batch.
-        with engine.connect() as conn:
-            known = store.known_files(conn, files)
+        known = store.known_files(conn, files) if had_rows is None else None
+    if known is not None:
         todo = []
         for f in files:
             row = known.get((f.shop, f.template, f.path))
@@ -303,8 +304,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     else:
         todo = list(files)
     progress = Progress(label, len(todo), sum(f.size for f in todo), logger)
-    pending: list[dict] = []  # rows of files the database already had a row for
-    pending_fresh: list[dict] = []  # and of files it had none for (a first import's)
+    pending: list[store.DesignImageRow] = []  # rows of files the database already had a row for
+    pending_fresh: list[store.DesignImageRow] = []  # and of files it had none for (a first import's)
     pending_thumbs: dict[str, bytes] = {}
     pending_bytes = 0
     last_flush = time.monotonic()
@@ -317,7 +318,7 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     # This attempt's own pack file (only the writer thread appends to it).
     packs = PackWriter(settings.thumbnail_folder) if settings.thumbnail_store == "folder" else None
 
-    def write(rows: list[dict], fresh: list[dict], thumbs: dict[str, bytes]) -> None:
+    def write(rows: list[store.DesignImageRow], fresh: list[store.DesignImageRow], thumbs: dict[str, bytes]) -> None:
         with engine.begin() as conn:
             # Thumbnails first, in the same transaction: a row never points at a missing picture.
             store.save_thumbnails(conn, thumbs, packs)
@@ -344,7 +345,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
             logger.warning(f"{shown(f.path)}: {facts.error}")
         else:
             counts.imported += 1
-        (pending if f.path in had_rows else pending_fresh).append(store.row_for(f, facts, listed_at))
+        (pending if f.path in had_rows else pending_fresh).append(
+            store.row_for(f, facts, listed_at, shop_id=shop_ids.get(f.shop)))
         if facts.thumbnail is not None:
             pending_thumbs[facts.sha256] = facts.thumbnail
         pending_bytes += f.size

@@ -124,25 +124,38 @@ class DesignImageRow(NamedTuple):
     status: str
     error: str | None
     listed_at: datetime
+    shop_id: int | None  # the shops row of the folder's name (:func:`shop_ids`); None keeps the row's
 
 
-def row_for(f: NasFile, facts: ImageFacts, listed_at: datetime, status: str | None = None) -> DesignImageRow:
+def row_for(f: NasFile, facts: ImageFacts, listed_at: datetime, status: str | None = None,
+            shop_id: int | None = None) -> DesignImageRow:
     return DesignImageRow(
         f.shop, f.template, f.path, f.raw_path, f.size, f.mtime_us, facts.sha256, facts.phash,
         PHASH_ALGORITHM if facts.phash else None, HASH_SIZE if facts.phash else None,
-        facts.width, facts.height, facts.format, status or ("ok" if facts.ok else "failed"), facts.error, listed_at)
+        facts.width, facts.height, facts.format, status or ("ok" if facts.ok else "failed"), facts.error, listed_at,
+        shop_id)
 
 
 _COLUMNS = tuple("mtime" if name == "mtime_us" else name for name in DesignImageRow._fields)
 _TYPES = ("text", "text", "text", "bytea", "int8", "timestamptz_us", "text", "text", "text",
-          "int2", "int4", "int4", "text", "text", "text", "timestamptz")
+          "int2", "int4", "int4", "text", "text", "text", "timestamptz", "int8")
 _INCOMING = "incoming_design_images"
+_UPDATED = {c: f"EXCLUDED.{c}" for c in _COLUMNS[3:]} | {"shop_id": "COALESCE(EXCLUDED.shop_id, design_images.shop_id)"}
 _UPSERT = f"""
     INSERT INTO design_images ({", ".join(_COLUMNS)}) SELECT {", ".join(_COLUMNS)} FROM {_INCOMING}
     ON CONFLICT ON CONSTRAINT design_images_shop_template_path_key DO UPDATE SET
-        {", ".join(f"{c} = EXCLUDED.{c}" for c in _COLUMNS[3:])}, imported_at = now(), removed_at = NULL
+        {", ".join(f"{c} = {value}" for c, value in _UPDATED.items())}, imported_at = now(), removed_at = NULL
     WHERE design_images.listed_at IS NULL OR design_images.listed_at <= EXCLUDED.listed_at
 """
+# The shops row of each folder name that exactly one shop has (a name two tenants share links neither).
+_UNIQUE_SHOPS = "SELECT name, min(id) AS id FROM shops WHERE name = ANY(:shops) GROUP BY name HAVING count(*) = 1"
+
+
+def shop_ids(conn: Connection, shops: Iterable[str]) -> dict[str, int]:
+    """The id of the one shop named like each folder, where exactly one is: a batch writes its
+    rows linked. Linked afterwards (:func:`link_shops`), each row was written twice: 23 us of
+    PostgreSQL a file, a new version of the row and of its five index entries."""
+    return {r.name: r.id for r in conn.execute(text(_UNIQUE_SHOPS), {"shops": sorted(set(shops))})}
 
 
 def upsert(conn: Connection, rows: Sequence[DesignImageRow], fresh: Sequence[DesignImageRow] = ()) -> int:
@@ -311,7 +324,8 @@ def mark_removed(conn: Connection, removed: Sequence[tuple[str, str, str]], list
 
 
 def link_shops(conn: Connection, shops: Iterable[str]) -> set[str]:
-    """Point rows at the shops row of the same name, when exactly one shop has it.
+    """Point rows at the shops row of the same name, when exactly one shop has it: rows imported
+    before their shop existed or was renamed to the folder's name (a batch links its own rows).
 
     One statement for all of a run's shops: a backfill of thousands of folders must not
     cost a round trip per shop. Returns the shops whose rows moved (their duplicate scope
@@ -321,8 +335,7 @@ def link_shops(conn: Connection, shops: Iterable[str]) -> set[str]:
         text(
             """
             UPDATE design_images d SET shop_id = s.id
-            FROM (SELECT name, min(id) AS id FROM shops WHERE name = ANY(:shops)
-                  GROUP BY name HAVING count(*) = 1) s
+            FROM (""" + _UNIQUE_SHOPS + """) s
             WHERE d.shop = s.name AND d.shop_id IS DISTINCT FROM s.id
             RETURNING d.shop
             """
