@@ -331,10 +331,26 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
 
 
 def cmd_thumbnails(args: argparse.Namespace) -> int:
-    """Where thumbnails live, and whether every packed one reads back (after moving the folder)."""
+    """Where thumbnails live, and whether every packed one reads back (after moving the folder);
+    with ``--prune``, first give back the room of those no image shows."""
     from .nas.store import check_thumbnails
 
     nas = settings.get_settings().nas
+    if args.prune:
+        from .nas.thumbnail_prune import PruneBusy, prune_thumbnails
+
+        try:
+            pruned = prune_thumbnails(get_engine(_database_url()), nas.thumbnail_folder,
+                                      grace_s=args.grace_hours * 3600, dry_run=args.dry_run)
+        except PruneBusy as exc:
+            _out(f"❌ {exc}")
+            return EXIT_FAILED
+        _out(f"{'Would prune' if args.dry_run else 'Pruned'}: {pruned.rows_deleted} thumbnail row(s) no image "
+             f"shows; {pruned.packs_deleted} pack(s) deleted, {pruned.packs_rewritten} rewritten, "
+             f"{pruned.bytes_freed / 2**20:,.1f} MB given back; {pruned.packs_recent} pack(s) written in the "
+             f"last {args.grace_hours:g} h left as they are")
+        for line in pruned.problems[:20]:
+            _out(f"  {line}")
     with get_engine(_database_url()).connect() as conn:
         check = check_thumbnails(conn, nas.thumbnail_folder)
     _out(f"Thumbnails: {check.in_postgres} in PostgreSQL, {check.in_packs} in {check.packs} pack(s) under "
@@ -382,6 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     dups.add_argument("--json", action="store_true", help="machine-readable list of groups")
     dups.set_defaults(func=cmd_duplicates)
     thumbs = sub.add_parser("thumbnails", help="where thumbnails live; read every packed one back (after a move)")
+    thumbs.add_argument("--prune", action="store_true",
+                        help="first delete thumbnails no imported image shows, and delete or rewrite their packs")
+    thumbs.add_argument("--grace-hours", type=float, default=24.0,
+                        help="with --prune: leave packs written more recently than this (running imports' packs)")
+    thumbs.add_argument("--dry-run", action="store_true", help="with --prune: count, change nothing")
     thumbs.set_defaults(func=cmd_thumbnails)
     demo = sub.add_parser("demo", help="run MIGRATION_MODE=all on an embedded PostgreSQL and a sample NAS")
     demo.add_argument("--dir", default="demo_output", help="where the embedded data and sample NAS live")

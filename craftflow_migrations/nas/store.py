@@ -203,6 +203,17 @@ _IN_PACKS = (("sha256", "pack", "pack_offset", "pack_length"), ("text", "text", 
 log = logging.getLogger("craftflow_migrations.thumbnails")
 
 
+# Taken shared by every flush that stores thumbnails and exclusive by the prune of unshown ones
+# (:mod:`.thumbnail_prune`): a flush that finds a picture stored keeps it stored until its image
+# rows commit. Transaction-level: released at commit, never held by a pooled connection.
+THUMBNAILS_LOCK_KEY = 0x43465448_554D4253  # "CFTHUMBS"
+
+
+def lock_thumbnails(conn: Connection, exclusive: bool = False) -> None:
+    conn.execute(text(f"SELECT pg_advisory_xact_lock{'' if exclusive else '_shared'}(:k)"),
+                 {"k": THUMBNAILS_LOCK_KEY})
+
+
 def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackWriter | None = None) -> None:
     """Content-addressed: a sha256 already there keeps its thumbnail (same bytes, same picture).
 
@@ -214,9 +225,11 @@ def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackW
     between the look-up and the COPY (byte-identical files in two batch steps at once), the
     COPY is rolled back to its savepoint and the same rows go in with ``ON CONFLICT DO
     NOTHING`` (in packs, the other import's copy is the one indexed; ours is never read).
+    The transaction holds :data:`THUMBNAILS_LOCK_KEY` shared from here to its commit.
     """
     if not thumbnails:
         return
+    lock_thumbnails(conn)
     # The keys as one array literal (hex digits need no quoting): as a list, psycopg2 quoted each
     # of a flush's 5,000 strings apart.
     keys = ",".join(thumbnails)
