@@ -36,6 +36,9 @@ from .thumbnail_packs import HEADER, PACK_NAME, PackedThumbnail, PackWriter, rea
 # A pack less full than this is rewritten: copying its live half costs less than the room it gives back.
 REWRITE_BELOW_LIVE_SHARE = 0.5
 DEFAULT_GRACE_S = 24 * 3600
+# Records read and appended at a time while rewriting: a pack of 100,000 small files' thumbnails
+# is about 450 MB, and its live half is never held at once.
+REWRITE_CHUNK = 5_000
 PRUNE_LOCK_KEY = 0x43465450_52554E45  # one prune at a time ("CFTPRUNE")
 
 
@@ -134,19 +137,26 @@ def _prune_packs(engine: Engine, folder: Path, grace_s: float, dry_run: bool, re
 
 
 def _rewrite(engine: Engine, folder: Path, name: str, report: PruneReport) -> int | None:
-    """Copy ``name``'s live records into a new pack and point their rows at it; the new pack's
-    size, or None when the pack was left as it is."""
+    """Copy ``name``'s live records into a new pack, :data:`REWRITE_CHUNK` at a time, and point
+    their rows at it; the new pack's size, or None when the pack was left as it is."""
     with engine.connect() as conn:
         rows = [PackedThumbnail(*r) for r in conn.execute(text(
-            "SELECT sha256, pack, pack_offset, pack_length FROM design_thumbnails WHERE pack = :p"), {"p": name})]
-    found, problems = read_packed(folder, rows)
-    if problems or len(found) != len(rows):
-        report.problems.extend(problems)
-        report.problems.append(f"thumbnail pack {folder / name} left as it is: not every record it indexes reads back")
-        return None
+            "SELECT sha256, pack, pack_offset, pack_length FROM design_thumbnails WHERE pack = :p "
+            "ORDER BY pack_offset"), {"p": name})]
     writer = PackWriter(folder)
+    placed: list[PackedThumbnail] = []
     try:
-        placed = writer.append_all(found.items())
+        for start in range(0, len(rows), REWRITE_CHUNK):
+            chunk = rows[start:start + REWRITE_CHUNK]
+            found, problems = read_packed(folder, chunk)
+            if problems or len(found) != len(chunk):
+                report.problems.extend(problems)
+                report.problems.append(f"thumbnail pack {folder / name} left as it is: not every record it "
+                                       "indexes reads back")
+                if writer.name is not None:
+                    _unlink(folder / writer.name, report)
+                return None
+            placed += writer.append_all((p.sha256, found[p.sha256]) for p in chunk)
     finally:
         writer.close()
     with engine.begin() as conn:
@@ -159,7 +169,7 @@ def _rewrite(engine: Engine, folder: Path, name: str, report: PruneReport) -> in
         """), {"shas": [p.sha256 for p in placed], "packs": [p.pack for p in placed],
                "offsets": [p.offset for p in placed], "lengths": [p.length for p in placed], "old": name})
     _unlink(folder / name, report)
-    return (folder / placed[0].pack).stat().st_size
+    return (folder / writer.name).stat().st_size
 
 
 def _unlink(path: Path, report: PruneReport) -> None:
