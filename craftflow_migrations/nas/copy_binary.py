@@ -78,8 +78,8 @@ def encode(rows: Iterable[Sequence], types: Sequence[str]) -> bytes:
     return b"".join(out)
 
 
-# What a row's values other than bytea add to the stream, at most, for the chunking below:
-# the import's text values are names, hashes and one-line errors.
+# What a row's values other than bytea are taken to add to the stream, for the chunking below:
+# generous, as the import's text values are names, hashes and one-line errors (a few hundred bytes).
 ROW_BYTES_BESIDES_BYTEA = 4096
 
 

@@ -154,7 +154,7 @@ _UNIQUE_SHOPS = "SELECT name, min(id) AS id FROM shops WHERE name = ANY(:shops) 
 def shop_ids(conn: Connection, shops: Iterable[str]) -> dict[str, int]:
     """The id of the one shop named like each folder, where exactly one is: a batch writes its
     rows linked. Linked afterwards (:func:`link_shops`), each row was written twice: 23 us of
-    PostgreSQL a file, a new version of the row and of its five index entries."""
+    PostgreSQL a file, a new version of the row and of each of its index entries."""
     return {r.name: r.id for r in conn.execute(text(_UNIQUE_SHOPS), {"shops": sorted(set(shops))})}
 
 
