@@ -336,11 +336,12 @@ def cmd_thumbnails(args: argparse.Namespace) -> int:
     from .nas.store import check_thumbnails
 
     nas = settings.get_settings().nas
+    engine = get_engine(_database_url())
     if args.prune:
         from .nas.thumbnail_prune import PruneBusy, prune_thumbnails
 
         try:
-            pruned = prune_thumbnails(get_engine(_database_url()), nas.thumbnail_folder,
+            pruned = prune_thumbnails(engine, nas.thumbnail_folder,
                                       grace_s=args.grace_hours * 3600, dry_run=args.dry_run)
         except PruneBusy as exc:
             _out(f"❌ {exc}")
@@ -351,7 +352,7 @@ def cmd_thumbnails(args: argparse.Namespace) -> int:
              f"last {args.grace_hours:g} h left as they are")
         for line in pruned.problems[:20]:
             _out(f"  {line}")
-    with get_engine(_database_url()).connect() as conn:
+    with engine.connect() as conn:
         check = check_thumbnails(conn, nas.thumbnail_folder)
     _out(f"Thumbnails: {check.in_postgres} in PostgreSQL, {check.in_packs} in {check.packs} pack(s) under "
          f"{nas.thumbnail_folder} ({check.pack_bytes / 2**20:,.1f} MB read back); new ones go to "

@@ -199,6 +199,8 @@ THUMBNAILS = ("SELECT sha256, jpeg, pack, pack_offset, pack_length FROM design_t
               "WHERE sha256 = ANY(CAST(:s AS char(64)[]))")
 _IN_POSTGRES = (("sha256", "jpeg"), ("text", "bytea"))
 _IN_PACKS = (("sha256", "pack", "pack_offset", "pack_length"), ("text", "text", "int8", "int4"))
+# Selected in this order, a row is a PackedThumbnail.
+PACKED_COLUMNS = ", ".join(_IN_PACKS[0])
 
 log = logging.getLogger("craftflow_migrations.thumbnails")
 
@@ -304,7 +306,7 @@ def check_thumbnails(conn: Connection, folder: Path, chunk: int = 10_000) -> Thu
     after = ""
     while True:
         rows = conn.execute(text(
-            "SELECT sha256, pack, pack_offset, pack_length FROM design_thumbnails "
+            f"SELECT {PACKED_COLUMNS} FROM design_thumbnails "
             "WHERE pack IS NOT NULL AND sha256 > :after ORDER BY sha256 LIMIT :n"), {"after": after, "n": chunk}).all()
         if not rows:
             break

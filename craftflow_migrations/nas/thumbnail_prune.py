@@ -29,6 +29,7 @@ from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 
 from . import store
 from .thumbnail_packs import HEADER, PACK_NAME, PackedThumbnail, PackWriter, read_packed
@@ -74,8 +75,11 @@ def prune_thumbnails(engine: Engine, folder: Path, grace_s: float = DEFAULT_GRAC
             report.rows_deleted = _delete_unshown_rows(engine, dry_run)
             _prune_packs(engine, folder, grace_s, dry_run, report)
         finally:
-            session.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_LOCK_KEY})
-            session.commit()
+            try:
+                session.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": PRUNE_LOCK_KEY})
+                session.commit()
+            except DBAPIError:
+                pass  # the session is gone, and the server released the lock with it (as ledger.runner_session)
     return report
 
 
@@ -141,7 +145,7 @@ def _rewrite(engine: Engine, folder: Path, name: str, report: PruneReport) -> in
     their rows at it; the new pack's size, or None when the pack was left as it is."""
     with engine.connect() as conn:
         rows = [PackedThumbnail(*r) for r in conn.execute(text(
-            "SELECT sha256, pack, pack_offset, pack_length FROM design_thumbnails WHERE pack = :p "
+            f"SELECT {store.PACKED_COLUMNS} FROM design_thumbnails WHERE pack = :p "
             "ORDER BY pack_offset"), {"p": name})]
     writer = PackWriter(folder)
     placed: list[PackedThumbnail] = []
