@@ -346,10 +346,7 @@ def cmd_thumbnails(args: argparse.Namespace) -> int:
         except PruneBusy as exc:
             _out(f"❌ {exc}")
             return EXIT_FAILED
-        _out(f"{'Would prune' if args.dry_run else 'Pruned'}: {pruned.rows_deleted} thumbnail row(s) no image "
-             f"shows; {pruned.packs_deleted} pack(s) deleted, {pruned.packs_rewritten} rewritten, "
-             f"{pruned.bytes_freed / 2**20:,.1f} MB given back; {pruned.packs_recent} pack(s) written in the "
-             f"last {args.grace_hours:g} h left as they are")
+        _out(pruned.line())
         for line in pruned.problems[:20]:
             _out(f"  {line}")
     with engine.connect() as conn:

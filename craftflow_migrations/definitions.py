@@ -7,6 +7,7 @@ from .executors import build_executor, executor_run_config
 from .nas.assets import BATCH_STEP_TAG, design_images, nas_partitions
 from .nas.partitions import NAS_IMPORT_JOB
 from .nas.sensors import build_import_after_startup_sensor, build_nas_scan_sensor
+from .nas.thumbnail_jobs import thumbnail_prune_job, thumbnail_prune_schedule
 from .resources import build_resources
 from .schema.discovery import discover
 from .schema.jobs import COMPLEX_JOB, STARTUP_JOB, build_migration_job
@@ -58,12 +59,12 @@ complex_migrations_schedule = dg.ScheduleDefinition(
 defs = dg.Definitions(
     assets=[design_images, design_duplicates],
     asset_checks=[hashes_use_current_algorithm, failed_share_under_limit],
-    jobs=[startup_job, complex_migrations_job, nas_import_job, duplicates_job],
+    jobs=[startup_job, complex_migrations_job, nas_import_job, duplicates_job, thumbnail_prune_job],
     sensors=[
         build_nas_scan_sensor(nas_import_job, nas_partitions),
         build_import_after_startup_sensor(startup_job, nas_import_job, nas_partitions),
     ],
-    schedules=[complex_migrations_schedule],
+    schedules=[complex_migrations_schedule, thumbnail_prune_schedule],
     resources=build_resources(),
 )
 

@@ -51,9 +51,11 @@ class PostgresServer:
         finally:
             conn.close()
 
-    def create_database(self, prefix: str = "cfm_test") -> str:
+    def create_database(self, prefix: str = "cfm_test", template: str | None = None) -> str:
+        """A new database; ``template``: a copy of that database (nothing may be connected to it)."""
         name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-        self._admin_execute(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
+        self._admin_execute(f'CREATE DATABASE "{name}"{copy}')
         return make_url(self.admin_url).set(database=name).render_as_string(hide_password=False)
 
     def drop_database(self, url: str) -> None:

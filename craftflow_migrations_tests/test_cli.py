@@ -71,7 +71,7 @@ def test_downgrade_and_repair_commands(migrated_url, dagster_home):
     env = cli_env()
     result = run_cli("downgrade", "--to", "separate_platform_connections", env=env)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert ("rolled back update_phash_hash_size, store_design_thumbnails_in_packs, "
+    assert ("rolled back update_phash_hash_size, register_thumbnail_packs, store_design_thumbnails_in_packs, "
             "store_design_thumbnails_uncompressed, remove_shopify_unique_constraint") in result.stdout
     refused = run_cli("downgrade", "--to", "no_such_migration", env=env)
     assert refused.returncode == 1 and "Cannot downgrade to no_such_migration: no such migration" in refused.stdout

@@ -76,5 +76,5 @@ def test_definitions_load_with_every_job_sensor_and_schedule():
 
     assert {j for j in ("startup", "complex_migrations", "nas_import") if defs.resolve_job_def(j)}
     assert {s.name for s in defs.sensors} == {"nas_scan_sensor", "import_after_startup"}
-    assert [s.name for s in defs.schedules] == ["complex_migrations_weekly"]
+    assert [s.name for s in defs.schedules] == ["complex_migrations_weekly", "thumbnail_prune_weekly"]
     defs.validate_loadable(defs)

@@ -202,13 +202,14 @@ def test_downgrade_to_a_named_migration(engine):
     plan = discover(PACKAGE_MIGRATIONS)
     assert run_pending(engine, plan, "startup", FAST).failed == []
     undone = downgrade_to(engine, plan, "separate_platform_connections", FAST)
-    assert undone == ["update_phash_hash_size", "store_design_thumbnails_in_packs",
+    assert undone == ["update_phash_hash_size", "register_thumbnail_packs",
+                      "store_design_thumbnails_in_packs",
                       "store_design_thumbnails_uncompressed", "remove_shopify_unique_constraint"]
     with engine.connect() as conn:
         assert "remove_shopify_unique_constraint" not in ledger.applied(conn)
         cols = {c["name"]: c for c in inspect(conn).get_columns("designs")}
     assert "needs_rehash" not in cols
-    assert run_pending(engine, plan, "startup", FAST).count("applied") == 4
+    assert run_pending(engine, plan, "startup", FAST).count("applied") == 5
 
 
 def test_downgrade_refuses_without_downgrade_function(engine, tmp_path):
@@ -239,6 +240,7 @@ def test_downgrade_follows_the_ledger_order(engine, tmp_path):
     assert names.index("aa_late") < names.index("separate_platform_connections")
     assert run_pending(engine, plan, "startup", FAST).count("applied") == 1
     undone = downgrade_to(engine, plan, "separate_platform_connections", FAST)
-    assert undone == ["aa_late", "update_phash_hash_size", "store_design_thumbnails_in_packs",
+    assert undone == ["aa_late", "update_phash_hash_size", "register_thumbnail_packs",
+                      "store_design_thumbnails_in_packs",
                       "store_design_thumbnails_uncompressed", "remove_shopify_unique_constraint"]
     assert "late" not in tables(engine)

@@ -144,8 +144,9 @@ def test_one_prune_at_a_time_and_recent_packs_are_left(migrated_url, tmp_path):
     folder = tmp_path / "thumbs"
     (folder / "2026-12").mkdir(parents=True)
     orphan = folder / "2026-12" / ("0" * 32 + ".pack")
-    orphan.write_bytes(b"\0" * 4096)  # a step's pack before its first commit: no row yet
     engine = get_engine(migrated_url)
+    store.register_pack(engine, "2026-12/" + "0" * 32 + ".pack")
+    orphan.write_bytes(b"\0" * 4096)  # a step's pack before its first commit: no row yet
     assert prune_thumbnails(engine, folder).packs_recent == 1 and orphan.exists()
     with engine.connect() as holder:
         holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": 0x43465450_52554E45})
@@ -155,6 +156,8 @@ def test_one_prune_at_a_time_and_recent_packs_are_left(migrated_url, tmp_path):
     old = time.time() - 3600
     os.utime(orphan, (old, old))
     assert prune_thumbnails(engine, folder, grace_s=600).packs_deleted == 1 and not orphan.exists()
+    with engine.connect() as conn:
+        assert store.packs_written_here(conn) == set()  # its registration went with it
 
 
 def test_the_thumbnails_command_prunes(migrated_url, dagster_home, tmp_path):
@@ -177,3 +180,112 @@ def test_the_thumbnails_command_prunes(migrated_url, dagster_home, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Pruned: 6 thumbnail row(s) no image shows; 0 pack(s) deleted, 1 rewritten" in done.stdout
     assert "0 in PostgreSQL, 1 in 1 pack(s)" in done.stdout
+
+
+def test_packs_of_another_database_sharing_the_folder_are_left_alone(migrated_url, postgres_server, tmp_path):
+    """Staging and production given one thumbnail folder, then a restored copy of production
+    beside it: each prune deletes only packs its own database wrote, though no row of its own
+    points at the others'."""
+    from .conftest import _dispose
+
+    base, folder = tmp_path / "nas", tmp_path / "thumbs"
+    settings = NasSettings(thumbnail_dir=str(folder))
+    write_corpus(base / "staging", {("Staging", "T"): 3}, size=(200, 100))
+    write_corpus(base / "production", {("Production", "T"): 4}, size=(200, 100), seed=50)
+    staging = get_engine(migrated_url)
+    _import(migrated_url, base / "staging", settings)
+    production_url = postgres_server.create_database()
+    copy_url = None
+    try:
+        from craftflow_migrations.schema.discovery import discover
+        from craftflow_migrations.schema.runner import run_pending
+        from craftflow_migrations.settings import MigrationSettings
+
+        from .conftest import PACKAGE_MIGRATIONS
+
+        production = get_engine(production_url)
+        assert not run_pending(production, discover(PACKAGE_MIGRATIONS), "startup", MigrationSettings()).failed
+        _import(production_url, base / "production", settings)
+        shown_in_production = _shown(production, folder)
+        assert len(shown_in_production) == 4 and len(list(folder.rglob("*.pack"))) == 2
+
+        with staging.begin() as conn:
+            conn.execute(text("DELETE FROM design_images"))
+        report = prune_thumbnails(staging, folder, grace_s=0)
+        assert (report.rows_deleted, report.packs_deleted, report.packs_not_ours) == (3, 1, 1)
+        assert "1 pack(s)" in report.line() and "not registered by this database left alone" in report.line()
+        assert _shown(production, folder) == shown_in_production
+
+        # A restored copy of production (its rows name production as the packs' writer).
+        _dispose(production_url)
+        copy_url = postgres_server.create_database(template=production_url)
+        copy = get_engine(copy_url)
+        with copy.begin() as conn:
+            conn.execute(text("DELETE FROM design_images"))
+        copied = prune_thumbnails(copy, folder, grace_s=0)
+        assert (copied.rows_deleted, copied.packs_deleted, copied.packs_rewritten, copied.packs_not_ours) == (4, 0, 0, 1)
+        assert _shown(get_engine(production_url), folder) == shown_in_production
+    finally:
+        for url in (production_url, copy_url):
+            if url:
+                _dispose(url)
+                postgres_server.drop_database(url)
+
+
+
+def test_the_migration_registers_the_packs_rows_point_at(migrated_url, tmp_path):
+    """Packs written before registration: those rows point at are this database's; a pack no row
+    points at could be anyone's, and stays unregistered (never deleted by the prune)."""
+    from craftflow_migrations.migrations import register_thumbnail_packs
+
+    base, folder = tmp_path / "nas", tmp_path / "thumbs"
+    write_corpus(base, {("Shop", "T"): 2}, size=(120, 80))
+    _import(migrated_url, base, NasSettings(thumbnail_dir=str(folder)))
+    (pack,) = folder.rglob("*.pack")
+    stray = pack.parent / ("f" * 32 + ".pack")
+    stray.write_bytes(b"\0" * 4096)
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        register_thumbnail_packs.downgrade(conn)
+        register_thumbnail_packs.upgrade(conn)
+    with engine.connect() as conn:
+        assert store.packs_written_here(conn) == {pack.relative_to(folder).as_posix()}
+    report = prune_thumbnails(engine, folder, grace_s=0)
+    assert (report.packs_deleted, report.packs_not_ours) == (0, 1) and stray.exists() and pack.exists()
+
+
+def test_the_weekly_schedule_runs_the_prune_as_a_dagster_job(migrated_url, instance, tmp_path, monkeypatch):
+    """The schedule is on by default and asks for the job; the job prunes and says what it did in
+    its output's metadata; while a prune started by hand runs, the scheduled one steps aside."""
+    import dagster as dg
+
+    from craftflow_migrations.definitions import defs
+
+    base, folder = tmp_path / "nas", tmp_path / "thumbs"
+    write_corpus(base, {("Kept", "T"): 1, ("Gone", "T"): 3}, size=(120, 80))
+    _import(migrated_url, base, NasSettings(thumbnail_dir=str(folder)))
+    engine = get_engine(migrated_url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM design_images WHERE shop = 'Gone'"))
+    monkeypatch.setenv("CRAFTFLOW_THUMBNAIL_DIR", str(folder))
+
+    schedule = defs.get_schedule_def("thumbnail_prune_weekly")
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    (request,) = schedule.evaluate_tick(dg.build_schedule_context(instance)).run_requests
+    job = defs.resolve_job_def(schedule.job_name)
+    config = {"ops": {"prune_unshown_thumbnails": {"config": {"grace_hours": 0}}}}
+    with engine.connect() as holder:
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": thumbnail_prune.PRUNE_LOCK_KEY})
+        busy = job.execute_in_process(instance=instance, run_config=config, tags=request.tags)
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": thumbnail_prune.PRUNE_LOCK_KEY})
+    assert busy.success and "skipped" in _output_metadata(busy)
+    result = job.execute_in_process(instance=instance, run_config=config, tags=request.tags)
+    assert result.success
+    meta = _output_metadata(result)
+    assert (meta["rows_deleted"], meta["packs_rewritten"], meta["packs_not_ours"]) == (3, 1, 0)
+    assert len(_shown(engine, folder)) == 1
+
+
+def _output_metadata(result) -> dict:
+    (event,) = [e for e in result.all_events if e.is_successful_output]
+    return {k: v.value for k, v in event.step_output_data.metadata.items()}

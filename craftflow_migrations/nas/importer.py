@@ -27,6 +27,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from datetime import datetime
+from functools import partial
 
 from sqlalchemy.engine import Engine
 
@@ -316,7 +317,8 @@ def import_batch(client: NasClient, engine: Engine, files: Sequence[NasFile], li
     writer = ThreadPoolExecutor(1, thread_name_prefix="nas-writer")
     in_flight: Future | None = None
     # This attempt's own pack file (only the writer thread appends to it).
-    packs = PackWriter(settings.thumbnail_folder) if settings.thumbnail_store == "folder" else None
+    packs = (PackWriter(settings.thumbnail_folder, register=partial(store.register_pack, engine))
+             if settings.thumbnail_store == "folder" else None)
 
     def write(rows: list[store.DesignImageRow], fresh: list[store.DesignImageRow], thumbs: dict[str, bytes]) -> None:
         with engine.begin() as conn:

@@ -23,7 +23,7 @@ from psycopg2 import Binary
 from psycopg2.errors import UniqueViolation
 from psycopg2.extras import execute_values
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 
 from ..settings import get_settings
 from .copy_binary import copy_rows
@@ -214,6 +214,31 @@ THUMBNAILS_LOCK_KEY = 0x43465448_554D4253  # "CFTHUMBS"
 def lock_thumbnails(conn: Connection, exclusive: bool = False) -> None:
     conn.execute(text(f"SELECT pg_advisory_xact_lock{'' if exclusive else '_shared'}(:k)"),
                  {"k": THUMBNAILS_LOCK_KEY})
+
+
+# Which database wrote a thumbnail pack: the cluster's system identifier (another server's
+# differs) and the database's name (another database of the same server's differs). Every role
+# may call pg_control_system().
+DATABASE_IDENTITY = "(SELECT system_identifier::text FROM pg_control_system()) || '/' || current_database()"
+
+
+def register_pack(engine: Engine, name: str) -> None:
+    """Record ``name`` as a pack this database writes, committed before its first byte is written:
+    a step killed before any row points into the pack leaves it registered, for the prune."""
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO thumbnail_packs (name, written_by) VALUES (:n, {DATABASE_IDENTITY}) "
+                          "ON CONFLICT (name) DO NOTHING"), {"n": name})
+
+
+def packs_written_here(conn: Connection) -> set[str]:
+    """The packs this database registered (not another's sharing the folder, nor the original's
+    of a restored copy)."""
+    return set(conn.execute(text(f"SELECT name FROM thumbnail_packs WHERE written_by = {DATABASE_IDENTITY}"))
+               .scalars())
+
+
+def forget_pack(conn: Connection, name: str) -> None:
+    conn.execute(text("DELETE FROM thumbnail_packs WHERE name = :n"), {"n": name})
 
 
 def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackWriter | None = None) -> None:

@@ -26,7 +26,7 @@ import re
 import struct
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import NamedTuple
@@ -72,11 +72,15 @@ class PackWriter:
     writeback left to the kernel's threads (``benchmarks/README.md``, item 44). Elsewhere (a
     file system without direct I/O, a device with blocks larger than :data:`ALIGN`), or with
     ``direct=False``, records go through the page cache with ``pwritev``, back to back.
+
+    ``register`` is called with the pack's name before the file is created (``store.register_pack``:
+    the prune deletes only packs its own database registered).
     """
 
-    def __init__(self, folder: Path, direct: bool = True):
+    def __init__(self, folder: Path, direct: bool = True, register: Callable[[str], None] | None = None):
         self.folder = folder
         self.direct = direct  # tried at open; off where the file system refuses O_DIRECT
+        self.register = register
         self.name: str | None = None
         self.fd: int | None = None
         self.size = 0
@@ -86,6 +90,8 @@ class PackWriter:
         month = datetime.now(timezone.utc).strftime("%Y-%m")
         name = f"{month}/{uuid.uuid4().hex}.pack"
         path = self.folder / name
+        if self.register is not None:
+            self.register(name)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

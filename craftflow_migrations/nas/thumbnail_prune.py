@@ -16,6 +16,11 @@ on the NAS, a shop's rows deleted) go in two steps:
    few seconds, and rows point into it only after its flush commits. A pack with a record that
    does not read back as indexed is left as it is, and said.
 
+Only packs this database registered (``thumbnail_packs``, written before a pack's first byte)
+are ever deleted or rewritten: in a folder another database shares, its packs are ones no row
+here points at. They are counted and left alone, as are packs from before registration that
+no row pointed at when it began.
+
 A report reading a moved thumbnail's old place in the moment between the move's commit and the
 old file's deletion shows that one picture as missing (one warning line), never a wrong one.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import text
@@ -45,10 +51,14 @@ PRUNE_LOCK_KEY = 0x43465450_52554E45  # one prune at a time ("CFTPRUNE")
 
 @dataclass
 class PruneReport:
+    dry_run: bool = False
+    grace_s: float = DEFAULT_GRACE_S
     rows_deleted: int = 0
     packs_deleted: int = 0
     packs_rewritten: int = 0
     packs_recent: int = 0  # touched within the grace period: left alone
+    packs_not_ours: int = 0  # not registered by this database: left alone
+    bytes_not_ours: int = 0
     bytes_before: int = 0  # of the packs deleted or rewritten
     bytes_after: int = 0  # of their rewritten copies
     problems: list[str] = field(default_factory=list)
@@ -56,6 +66,18 @@ class PruneReport:
     @property
     def bytes_freed(self) -> int:
         return self.bytes_before - self.bytes_after
+
+    def line(self) -> str:
+        """What was done, in one line (the command's output, the scheduled run's log)."""
+        out = (f"{'Would prune' if self.dry_run else 'Pruned'}: {self.rows_deleted} thumbnail row(s) no image "
+               f"shows; {self.packs_deleted} pack(s) deleted, {self.packs_rewritten} rewritten, "
+               f"{self.bytes_freed / 2**20:,.1f} MB given back; {self.packs_recent} pack(s) written in the last "
+               f"{self.grace_s / 3600:g} h left as they are")
+        if self.packs_not_ours:
+            out += (f"; {self.packs_not_ours} pack(s) ({self.bytes_not_ours / 2**20:,.1f} MB) not registered by "
+                    "this database left alone (another database's sharing the folder, or from before packs were "
+                    "registered)")
+        return out
 
 
 class PruneBusy(RuntimeError):
@@ -66,7 +88,7 @@ def prune_thumbnails(engine: Engine, folder: Path, grace_s: float = DEFAULT_GRAC
                      dry_run: bool = False) -> PruneReport:
     """Delete the rows of thumbnails no image shows, then delete or rewrite the packs under
     ``folder`` that are mostly or wholly unindexed. ``dry_run`` counts without changing anything."""
-    report = PruneReport()
+    report = PruneReport(dry_run, grace_s)
     with engine.connect() as session:
         if not session.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": PRUNE_LOCK_KEY}).scalar():
             raise PruneBusy("another `craftflow-migrate thumbnails --prune` is running; let it finish")
@@ -114,8 +136,13 @@ def _prune_packs(engine: Engine, folder: Path, grace_s: float, dry_run: bool, re
         live = {r.pack: r.bytes for r in conn.execute(text(
             f"SELECT pack, sum(pack_length + {HEADER.size}) AS bytes FROM design_thumbnails t "
             f"WHERE pack IS NOT NULL{' AND ' + _SHOWN if dry_run else ''} GROUP BY pack"))}
+        ours = store.packs_written_here(conn)
     now = time.time()
     for name, st in _packs_on_disk(folder):
+        if name not in ours:
+            report.packs_not_ours += 1
+            report.bytes_not_ours += st.st_size
+            continue
         if now - st.st_mtime < grace_s:
             report.packs_recent += 1
             continue
@@ -124,7 +151,7 @@ def _prune_packs(engine: Engine, folder: Path, grace_s: float, dry_run: bool, re
             continue
         if live_bytes == 0:
             if not dry_run:
-                _unlink(folder / name, report)
+                _delete_pack(engine, folder, name, report)
             report.packs_deleted += 1
             report.bytes_before += st.st_size
             continue
@@ -147,7 +174,7 @@ def _rewrite(engine: Engine, folder: Path, name: str, report: PruneReport) -> in
         rows = [PackedThumbnail(*r) for r in conn.execute(text(
             f"SELECT {store.PACKED_COLUMNS} FROM design_thumbnails WHERE pack = :p "
             "ORDER BY pack_offset"), {"p": name})]
-    writer = PackWriter(folder)
+    writer = PackWriter(folder, register=partial(store.register_pack, engine))
     placed: list[PackedThumbnail] = []
     try:
         for start in range(0, len(rows), REWRITE_CHUNK):
@@ -158,7 +185,7 @@ def _rewrite(engine: Engine, folder: Path, name: str, report: PruneReport) -> in
                 report.problems.append(f"thumbnail pack {folder / name} left as it is: not every record it "
                                        "indexes reads back")
                 if writer.name is not None:
-                    _unlink(folder / writer.name, report)
+                    _delete_pack(engine, folder, writer.name, report)
                 return None
             placed += writer.append_all((p.sha256, found[p.sha256]) for p in chunk)
     finally:
@@ -172,14 +199,20 @@ def _rewrite(engine: Engine, folder: Path, name: str, report: PruneReport) -> in
             WHERE t.sha256 = m.sha256 AND t.pack = :old
         """), {"shas": [p.sha256 for p in placed], "packs": [p.pack for p in placed],
                "offsets": [p.offset for p in placed], "lengths": [p.length for p in placed], "old": name})
-    _unlink(folder / name, report)
+    _delete_pack(engine, folder, name, report)
     return (folder / writer.name).stat().st_size
 
 
-def _unlink(path: Path, report: PruneReport) -> None:
+def _delete_pack(engine: Engine, folder: Path, name: str, report: PruneReport) -> None:
+    """The file, then its registration (a pack whose file could not be deleted stays registered,
+    to be tried again)."""
+    path = folder / name
     try:
         path.unlink()
     except FileNotFoundError:
         pass
     except OSError as exc:
         report.problems.append(f"thumbnail pack {path} could not be deleted ({exc.strerror or exc})")
+        return
+    with engine.begin() as conn:
+        store.forget_pack(conn, name)
