@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 
 from .clients.base import Entry, NasClient, NasError
@@ -92,9 +93,14 @@ class PartitionListing:
     def key(self) -> str:
         return self.folder.key
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """A digest of every file's path, size and mtime, and of what could not be listed."""
+        """A digest of every file's path, size and mtime, and of what could not be listed.
+
+        Read only once the listing is complete, and computed once: the worker's check for an
+        unchanged NAS, its run and the plan step (which gets it pickled with the listing) each
+        read it, 0.07 s for 100,000 files when each computed it.
+        """
         digest = hashlib.sha256()
         for f in self.files:
             digest.update(f"{f.path}\0{f.size}\0{f.mtime_us}\n".encode("utf-8", "surrogatepass"))
