@@ -121,7 +121,7 @@ def test_many_partitions_listed_together_over_sftp_equal_the_local_listing(tmp_p
     for path in base.rglob("*.png"):
         os.utime(path, (1_700_000_000, 1_700_000_000 + len(path.name)))  # SFTP v3 carries whole seconds
     client = open_sftp(sshd, base)
-    in_flight = _recorded(client.sftp, "_async_request", lambda *_: len(client.sftp._expecting))
+    in_flight = _recorded(client.requests, "send", lambda *_: len(client.requests.waiting))
     keys = ["Shop 39/T2", "Shop 00/T1", "Gone/Nowhere", "Shop 05/T0"]
     try:
         over_sftp, sftp_problems = list_nas(client)
@@ -200,7 +200,7 @@ def test_links_are_resolved_with_their_requests_in_flight_together(tmp_path, ssh
     os.symlink("T", base / "Shop" / "Shared T")
     client = open_sftp(sshd, base)
     rels = sorted(p.relative_to(base).as_posix().encode() for p in folder.iterdir() if p.is_symlink())
-    in_flight = _recorded(client.sftp, "_async_request", lambda *_: len(client.sftp._expecting))
+    in_flight = _recorded(client.requests, "send", lambda *_: len(client.requests.waiting))
     calls = _recorded(client, "resolve_each", len)
     try:
         over_sftp = client.resolve_each(rels)
@@ -434,14 +434,14 @@ def test_small_reads_trust_the_listing_only_as_far_as_the_file_agrees(tmp_path, 
         fds = _descendants_open_fds(sshd.proc.pid)
         for i in range(300):
             assert client.read(f"S/T/f{i}.bin".encode(), 100) == payload[i:i + 100]
-        assert len(client.sftp._expecting) <= 1
+        assert not client.requests.waiting and not client.requests.replies and not client.sftp._expecting
         assert _descendants_open_fds(sshd.proc.pid) <= fds + 2
         # In groups, with a large file (pipelined on its own) between them.
         (folder / "large.bin").write_bytes(payload * 2)
         names = [f"f{i}.bin" for i in range(150)] + ["large.bin"] + [f"f{i}.bin" for i in range(150, 300)]
         got = list(client.read_each((f"S/T/{n}".encode(), (folder / n).stat().st_size) for n in names))
         assert [data for data, _ in got] == [(folder / n).read_bytes() for n in names]
-        assert len(client.sftp._expecting) <= nas_client.PIPELINED_FILES  # the last group's closes
+        assert not client.requests.waiting and not client.requests.replies and not client.sftp._expecting
         assert _descendants_open_fds(sshd.proc.pid) <= fds + 2
 
         # Asking more per request than OpenSSH serves (255 KB): the short answer is read on.
@@ -571,6 +571,36 @@ def test_a_request_sent_while_another_thread_waits_goes_out_at_once(tmp_path, ss
         client.close()
 
 
+def test_requests_share_the_connection_with_paramikos_own(tmp_path, sshd):
+    """A reply to one of paramiko's requests (a large file's prefetch) read while waiting for
+    our own is handed to its owner; a close's reply nobody waits for is dropped."""
+    from paramiko.sftp import CMD_ATTRS, CMD_STAT
+
+    from craftflow_migrations.nas.clients.sftp import _string
+
+    (tmp_path / "G").mkdir()
+    (tmp_path / "G" / "f.bin").write_bytes(b"x" * 10)
+    client = open_sftp(sshd, tmp_path / "G")
+
+    class Owner:
+        got: list = []
+
+        def _async_response(self, kind, msg, number):
+            self.got.append((kind, number))
+
+    owner = Owner()
+    try:
+        theirs = client.sftp._async_request(owner, CMD_STAT, client._abs(b"f.bin"))
+        client._close_unwaited([b"no such handle"])
+        ours = client.requests.send(CMD_STAT, _string(client._abs(b"f.bin")))
+        assert client.requests.reply(ours)[0] == CMD_ATTRS
+        assert owner.got == [(CMD_ATTRS, theirs)] and theirs not in client.sftp._expecting
+        assert not client.requests.waiting and not client.requests.replies
+        assert client.read(b"f.bin", 10) == b"x" * 10  # the stream is still in step
+    finally:
+        client.close()
+
+
 def _name_reply(entries: list[tuple[bytes, dict]]) -> bytes:
     """A READDIR reply (after its request number), each entry's attributes packed by paramiko
     (its flags say which fields are there: only those given)."""
@@ -612,13 +642,13 @@ def test_readdir_replies_are_read_as_paramiko_reads_them():
         attr = paramiko.SFTPAttributes._from_msg(reference)
         if name not in (b".", b".."):
             expected.append((name, attr.st_mode or 0, attr.st_size or 0, (attr.st_mtime or 0) * 1_000_000))
-    got = _entries(paramiko.Message(data))
+    got = _entries(data)
     assert [(e.name, e.size, e.mtime_us) for e in got] == [(n, s, m) for n, _, s, m in expected]
     assert [e.kind for e in got] == ["file", "dir", "link", "other", "other", "other"]
     # Cut anywhere, a reply is an error for its folder, never entries of zeros.
     for cut in range(len(data)):
         with pytest.raises(OSError, match="malformed READDIR reply"):
-            _entries(paramiko.Message(data[:cut]))
+            _entries(data[:cut])
 
 
 def test_a_listing_left_by_a_killed_worker_is_removed_by_a_later_save(tmp_path):
