@@ -43,6 +43,7 @@ def _pack_bytes(folder) -> int:
 
 def test_prune_deletes_unshown_rows_and_rewrites_or_deletes_their_packs(migrated_url, tmp_path, monkeypatch):
     monkeypatch.setattr(thumbnail_prune, "REWRITE_CHUNK", 1)  # a rewrite of several chunks
+    monkeypatch.setattr(thumbnail_prune, "DELETE_CHUNK", 4)  # rows deleted under several holds of the lock
     base, folder = tmp_path / "nas", tmp_path / "thumbs"
     settings = NasSettings(thumbnail_dir=str(folder))
     kept = write_corpus(base / "a", {("Kept", "T"): 3, ("Gone", "T"): 9}, size=(300, 200))

@@ -4,11 +4,12 @@ Thumbnails are content-addressed and shared, so one stays while any imported ima
 ``design_images`` row with status ``ok``) has its sha256. The rest (files deleted or replaced
 on the NAS, a shop's rows deleted) go in two steps:
 
-1. Their ``design_thumbnails`` rows, in one statement under an exclusive transaction lock
-   that every import's flush takes shared (:data:`store.THUMBNAILS_LOCK_KEY`). A flush that
-   found a sha256 already stored holds its share until its image rows commit, so the prune
-   waits for it and then sees the image; a flush after the prune finds the sha256 gone and
-   stores the picture again. No image is ever left pointing at a pruned picture.
+1. Their ``design_thumbnails`` rows: found without a lock, then deleted a chunk at a time
+   under an exclusive transaction lock that every import's flush takes shared
+   (:data:`store.THUMBNAILS_LOCK_KEY`), each row checked again under it. A flush that found a
+   sha256 already stored holds its share until its image rows commit, so the prune waits for
+   it and then sees the image; a flush after the prune finds the sha256 gone and stores the
+   picture again. No image is ever left pointing at a pruned picture.
 2. Packs: one that no row points at is deleted; one with less than half of its bytes still
    pointed at is rewritten (its live records appended to a new pack, made durable, their
    rows moved in one transaction under the same lock, then the old file deleted). Only packs
@@ -47,6 +48,8 @@ DEFAULT_GRACE_S = 24 * 3600
 # is about 450 MB, and its live half is never held at once.
 REWRITE_CHUNK = 5_000
 PRUNE_LOCK_KEY = 0x43465450_52554E45  # one prune at a time ("CFTPRUNE")
+# Thumbnail rows deleted under one hold of the lock import flushes wait on.
+DELETE_CHUNK = 10_000
 
 
 @dataclass
@@ -110,11 +113,24 @@ _UNSHOWN = f"FROM design_thumbnails t WHERE NOT {_SHOWN}"
 
 
 def _delete_unshown_rows(engine: Engine, dry_run: bool) -> int:
-    with engine.begin() as conn:
-        if dry_run:
+    """Found without the lock, then deleted :data:`DELETE_CHUNK` at a time under it, each one
+    checked again: a flush waits for one chunk (tens of ms), not for a scan of the whole table
+    (0.7 s at a million thumbnails even with nothing to delete, 2.3 s deleting half of them)."""
+    if dry_run:
+        with engine.connect() as conn:
             return conn.execute(text("SELECT count(*) " + _UNSHOWN)).scalar_one()
-        store.lock_thumbnails(conn, exclusive=True)
-        return conn.execute(text("DELETE " + _UNSHOWN)).rowcount
+    deleted = 0
+    with engine.connect() as scan:
+        found = scan.execution_options(stream_results=True).execute(text("SELECT t.sha256 " + _UNSHOWN))
+        for chunk in found.scalars().partitions(DELETE_CHUNK):
+            with engine.begin() as conn:
+                store.lock_thumbnails(conn, exclusive=True)
+                # Joined to the chunk as a set (estimated small): looked up by index, where
+                # `= ANY(10,000 keys)` had the planner scan both tables, 0.3 s a chunk at a million.
+                deleted += conn.execute(text(
+                    "DELETE FROM design_thumbnails t USING unnest(CAST(:s AS char(64)[])) AS c(sha256) "
+                    "WHERE t.sha256 = c.sha256 AND NOT " + _SHOWN), {"s": "{" + ",".join(chunk) + "}"}).rowcount
+    return deleted
 
 
 def _packs_on_disk(folder: Path) -> list[tuple[str, os.stat_result]]:
