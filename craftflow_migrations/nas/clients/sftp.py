@@ -258,8 +258,6 @@ class SftpRequests:
         return b"".join(parts)
 
 
-
-
 def _entries(data: bytes) -> list[Entry]:
     """The entries of one READDIR reply (``.`` and ``..`` left out).
 
@@ -335,7 +333,8 @@ def _status_error(kind: int, data: bytes) -> Exception:
     return OSError(text)
 
 
-def _handle(data: bytes) -> bytes:
+def _string_at_start(data: bytes) -> bytes:
+    """The SFTP string (a handle, a name, a file's data) a reply's fields begin with."""
     (n,) = _U32.unpack_from(data, 0)
     if len(data) < 4 + n:
         raise struct.error("cut short")
@@ -492,7 +491,7 @@ class SftpNasClient(NasClient):
                 if kind in (CMD_HANDLE, CMD_NAME):
                     try:
                         if kind == CMD_HANDLE:
-                            handles[i] = _handle(data)
+                            handles[i] = _string_at_start(data)
                         else:
                             out[i].extend(_entries(data))  # type: ignore[union-attr]
                     except struct.error:
@@ -537,7 +536,7 @@ class SftpNasClient(NasClient):
                     kind, data = requests.reply(number)
                     if kind == CMD_NAME and data[:4] == b"\0\0\0\1":
                         try:
-                            real[i] = _handle(data[4:])  # the one name: a string, as a handle is
+                            real[i] = _string_at_start(data[4:])  # the one name
                         except struct.error:
                             continue
                 asked = [(i, requests.send(CMD_STAT, _string(path))) for i, path in real.items()]
@@ -632,7 +631,7 @@ class SftpNasClient(NasClient):
             for i, number in enumerate(opens):
                 kind, data = requests.reply(number)
                 if kind == CMD_HANDLE:
-                    handles[i] = _handle(data)
+                    handles[i] = _string_at_start(data)
                     # One byte more than listed: exactly the listed size back means the file ends there.
                     reads[i] = requests.send(CMD_READ, _string(handles[i]), _READ.pack(0, group[i][1] + 1))
                     asked.add(reads[i])
@@ -642,7 +641,7 @@ class SftpNasClient(NasClient):
                 kind, data = requests.reply(number)
                 self._close_unwaited([handles.pop(i)])
                 if kind == CMD_DATA:
-                    content = _handle(data)  # a string, as a handle is
+                    content = _string_at_start(data)
                     if len(content) == group[i][1]:
                         out[i] = (content, None)
                     # else: changed since the listing, or a server serving less: read again below
