@@ -109,6 +109,58 @@ def test_a_folder_half_out_of_the_page_cache_stays_inline(tmp_path, threads_star
     assert threads_started == []
 
 
+class ColdDisk(LocalNasClient):
+    """A local disk whose cache is cold: a read waits 0.2 ms unless the file was announced
+    (``will_read``, the kernel's read-ahead) before it."""
+
+    def __init__(self, base: Path, announcing_helps: bool = True) -> None:
+        super().__init__(base)
+        self.announcing_helps = announcing_helps
+        self.announced: list[bytes] = []
+        self.calls = 0
+        self.waited = 0
+
+    def will_read(self, rels) -> None:
+        self.calls += 1
+        self.announced += rels
+        if not self.announcing_helps:
+            time.sleep(0.0002 * len(rels))  # a share whose opens wait as long as its reads
+
+    def read(self, rel: bytes, size: int | None = None) -> bytes:
+        if not (self.announcing_helps and rel in self.announced):
+            self.waited += 1
+            time.sleep(0.0002)
+        return super().read(rel, size)
+
+
+def test_reads_from_a_cold_disk_are_announced_a_window_ahead(tmp_path, threads_started):
+    """Too fast for the thread, too slow for the page cache: after one window of 64 reads, every
+    later file is announced before its read, once, in order, and no read waits any more."""
+    files = small_files(tmp_path, 300)
+    client = ColdDisk(tmp_path)
+    got = consume(fetch_in_order(client, files, 1 << 20), work_s=0.002)
+    assert [p for p, _, _ in got] == [f.path for f in files]
+    assert all(data == (tmp_path / p).read_bytes() for p, data, _ in got)
+    assert threads_started == []
+    assert client.announced == [f.rel for f in files[64:]] and client.waited == 64
+    assert 2 <= client.calls <= 5  # a window at a time, not a call per file
+
+    warm = ColdDisk(tmp_path)
+    consume(fetch_in_order(warm, files, 1 << 20, cold_read_s=1.0), work_s=0.002)  # reads all "cached"
+    assert warm.announced == []
+    # The real announcement: a missing file or a folder among them is left to its read.
+    (tmp_path / "Shop" / "All" / "sub").mkdir()
+    LocalNasClient(tmp_path).will_read([b"Shop/All/gone.png", b"Shop/All/sub", files[0].rel])
+
+
+def test_announcing_stops_where_it_does_not_make_reads_cheaper(tmp_path, threads_started):
+    files = small_files(tmp_path, 300)
+    client = ColdDisk(tmp_path, announcing_helps=False)
+    got = consume(fetch_in_order(client, files, 1 << 20), work_s=0.002)
+    assert len(got) == 300 and threads_started == []
+    assert len(client.announced) <= 64 + 128  # judged after the window it was tried on, then stopped
+
+
 def test_large_files_are_read_ahead_from_the_start(tmp_path, threads_started):
     """On one read-ahead thread: the small files among them too, on a local disk (while a batch
     hashes, a read's wall time includes waiting for the GIL, which says nothing of the disk)."""

@@ -101,6 +101,9 @@ class NasClient(ABC):
         if group:
             yield from read_group(group)
 
+    def will_read(self, rels: Sequence[bytes]) -> None:  # noqa: B027 - a hint most backends have no use for
+        """These files will be read soon, in this order: a backend may start fetching them now."""
+
     def reads_seen_waiting(self) -> None:  # noqa: B027 - most backends know it already (reads_wait)
         """The caller timed this client's reads and saw them wait on the NAS (a share mounted
         across a network, a cold disk): a backend may overlap the reads from now on."""
