@@ -44,16 +44,21 @@ def engine(database_url):
     return get_engine(database_url)
 
 
-@pytest.fixture
-def migrated_url(database_url):
-    """A database at head (startup migrations applied)."""
+def migrate(url: str) -> str:
+    """Apply the package's startup migrations to the database at ``url``: it is then at head."""
     from craftflow_migrations.schema.discovery import discover
     from craftflow_migrations.schema.runner import run_pending
     from craftflow_migrations.settings import MigrationSettings
 
-    report = run_pending(get_engine(database_url), discover(PACKAGE_MIGRATIONS), "startup", MigrationSettings())
+    report = run_pending(get_engine(url), discover(PACKAGE_MIGRATIONS), "startup", MigrationSettings())
     assert not report.failed
-    return database_url
+    return url
+
+
+@pytest.fixture
+def migrated_url(database_url):
+    """A database at head (startup migrations applied)."""
+    return migrate(database_url)
 
 
 @pytest.fixture

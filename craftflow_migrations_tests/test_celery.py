@@ -10,7 +10,7 @@ from sqlalchemy import text
 
 from craftflow_migrations.db import get_engine
 
-from .conftest import cli_env
+from .conftest import cli_env, migrate
 from .support import write_corpus
 
 pytestmark = pytest.mark.slow
@@ -37,12 +37,6 @@ def broker():
 
 
 def test_batches_run_on_celery_workers_and_match_multiprocess(postgres_server, migrated_url, broker, tmp_path):
-    from craftflow_migrations.schema.discovery import discover
-    from craftflow_migrations.schema.runner import run_pending
-    from craftflow_migrations.settings import MigrationSettings
-
-    from .conftest import PACKAGE_MIGRATIONS
-
     base = tmp_path / "G"
     write_corpus(base, {("Celery Shop", "T"): 12}, size=(800, 600))
     broker_url, backend_url = broker
@@ -81,8 +75,7 @@ def test_batches_run_on_celery_workers_and_match_multiprocess(postgres_server, m
     # The same import with the multiprocess executor, into another database.
     other = postgres_server.create_database()
     try:
-        report = run_pending(get_engine(other), discover(PACKAGE_MIGRATIONS), "startup", MigrationSettings())
-        assert not report.failed
+        migrate(other)
         mp_home = tmp_path / "mp_home"
         mp_home.mkdir()
         (mp_home / "dagster.yaml").write_text(LOCAL_DAGSTER_YAML)

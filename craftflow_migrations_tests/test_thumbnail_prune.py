@@ -187,7 +187,7 @@ def test_packs_of_another_database_sharing_the_folder_are_left_alone(migrated_ur
     """Staging and production given one thumbnail folder, then a restored copy of production
     beside it: each prune deletes only packs its own database wrote, though no row of its own
     points at the others'."""
-    from .conftest import _dispose
+    from .conftest import _dispose, migrate
 
     base, folder = tmp_path / "nas", tmp_path / "thumbs"
     settings = NasSettings(thumbnail_dir=str(folder))
@@ -198,14 +198,7 @@ def test_packs_of_another_database_sharing_the_folder_are_left_alone(migrated_ur
     production_url = postgres_server.create_database()
     copy_url = None
     try:
-        from craftflow_migrations.schema.discovery import discover
-        from craftflow_migrations.schema.runner import run_pending
-        from craftflow_migrations.settings import MigrationSettings
-
-        from .conftest import PACKAGE_MIGRATIONS
-
-        production = get_engine(production_url)
-        assert not run_pending(production, discover(PACKAGE_MIGRATIONS), "startup", MigrationSettings()).failed
+        production = get_engine(migrate(production_url))
         _import(production_url, base / "production", settings)
         shown_in_production = _shown(production, folder)
         assert len(shown_in_production) == 4 and len(list(folder.rglob("*.pack"))) == 2
@@ -231,7 +224,6 @@ def test_packs_of_another_database_sharing_the_folder_are_left_alone(migrated_ur
             if url:
                 _dispose(url)
                 postgres_server.drop_database(url)
-
 
 
 def test_the_migration_registers_the_packs_rows_point_at(migrated_url, tmp_path):

@@ -211,6 +211,15 @@ log = logging.getLogger("craftflow_migrations.thumbnails")
 THUMBNAILS_LOCK_KEY = 0x43465448_554D4253  # "CFTHUMBS"
 
 
+def sha256_array(shas: Iterable[str]) -> str:
+    """The sha256s as one ``char(64)[]`` literal, checked to be lowercase hex (which needs no
+    quoting): as a list, psycopg2 quoted each of a flush's 5,000 strings apart."""
+    keys = ",".join(shas)
+    if not _HEX_KEYS.fullmatch(keys):
+        raise ValueError("thumbnails are keyed by the sha256 of their file, in lowercase hex")
+    return "{" + keys + "}"
+
+
 def lock_thumbnails(conn: Connection, exclusive: bool = False) -> None:
     conn.execute(text(f"SELECT pg_advisory_xact_lock{'' if exclusive else '_shared'}(:k)"),
                  {"k": THUMBNAILS_LOCK_KEY})
@@ -257,13 +266,7 @@ def save_thumbnails(conn: Connection, thumbnails: dict[str, bytes], packs: PackW
     if not thumbnails:
         return
     lock_thumbnails(conn)
-    # The keys as one array literal (hex digits need no quoting): as a list, psycopg2 quoted each
-    # of a flush's 5,000 strings apart.
-    keys = ",".join(thumbnails)
-    if not _HEX_KEYS.fullmatch(keys):
-        raise ValueError("thumbnails are keyed by the sha256 of their file, in lowercase hex")
-    keys = "{" + keys + "}"
-    stored = {r.sha256 for r in conn.execute(text(STORED_THUMBNAILS), {"s": keys})}
+    stored = {r.sha256 for r in conn.execute(text(STORED_THUMBNAILS), {"s": sha256_array(thumbnails)})}
     new = [(sha, data) for sha, data in thumbnails.items() if sha not in stored]
     if not new:
         return

@@ -129,7 +129,7 @@ def _delete_unshown_rows(engine: Engine, dry_run: bool) -> int:
                 # `= ANY(10,000 keys)` had the planner scan both tables, 0.3 s a chunk at a million.
                 deleted += conn.execute(text(
                     "DELETE FROM design_thumbnails t USING unnest(CAST(:s AS char(64)[])) AS c(sha256) "
-                    "WHERE t.sha256 = c.sha256 AND NOT " + _SHOWN), {"s": "{" + ",".join(chunk) + "}"}).rowcount
+                    "WHERE t.sha256 = c.sha256 AND NOT " + _SHOWN), {"s": store.sha256_array(chunk)}).rowcount
     return deleted
 
 

@@ -29,6 +29,10 @@ THREADS = 8
 # read-ahead thread's budget counts whole files, and one large read keeps a mount busy).
 GROUPED_READ_BYTES = 1024 * 1024
 READ_GROUP = 32
+# How a file is opened to be read (or announced): O_NOFOLLOW, so a file swapped for a link after
+# the listing is not followed out of the base; O_NONBLOCK, so one swapped for a named pipe is
+# refused, not waited on forever.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
 
 
 class LocalNasClient(NasClient):
@@ -101,9 +105,7 @@ class LocalNasClient(NasClient):
         return self._each(self._scandir_or_error, rels)
 
     def read(self, rel: bytes, size: int | None = None) -> bytes:
-        # O_NOFOLLOW: a file swapped for a link after the listing is not followed out of the
-        # base. O_NONBLOCK: one swapped for a named pipe is refused, not waited on forever.
-        fd = os.open(self._abs(rel), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(self._abs(rel), _READ_FLAGS)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -128,10 +130,9 @@ class LocalNasClient(NasClient):
         """Ask the kernel to read these files into the page cache now (``POSIX_FADV_WILLNEED``),
         so that their reads, made later in turn, find them there: the disk's waits overlap the
         hashing without a thread's hand-overs. A file that cannot be opened is left to its read."""
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
         for rel in rels:
             try:
-                fd = os.open(self._abs(rel), flags)
+                fd = os.open(self._abs(rel), _READ_FLAGS)
             except OSError:
                 continue
             try:

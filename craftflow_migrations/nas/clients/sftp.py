@@ -244,18 +244,10 @@ class SftpRequests:
             owner._async_response(kind, msg, number)
 
     def _read_exact(self, n: int) -> bytes:
-        sock = self.sftp.sock
-        data = sock.recv(n)
-        if len(data) == n:
-            return data
-        parts, got = [data], len(data)
-        while data and got < n:
-            data = sock.recv(n - got)
-            parts.append(data)
-            got += len(data)
-        if got < n:
-            raise paramiko.SSHException("Server connection dropped: end of the SFTP stream")
-        return b"".join(parts)
+        try:
+            return self.sftp._read_all(n)
+        except EOFError:  # as paramiko's own reader says it
+            raise paramiko.SSHException("Server connection dropped: end of the SFTP stream") from None
 
 
 def _entries(data: bytes) -> list[Entry]:
