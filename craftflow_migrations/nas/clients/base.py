@@ -37,6 +37,9 @@ class NasClient(ABC):
     # Every read waits on the server (a round trip at least): small files go to the read-ahead
     # thread from the first, in groups (read_each), instead of being timed inline first.
     reads_wait: bool = False
+    # ``will_read`` makes later reads cheaper without a round trip of its own (a local disk's
+    # read-ahead): reads seen waiting try it for a window before the read-ahead thread.
+    announces_reads: bool = False
 
     @abstractmethod
     def scandir(self, rel: bytes) -> list[Entry]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 import statistics
 import time
@@ -33,6 +34,36 @@ READ_GROUP = 32
 # the listing is not followed out of the base; O_NONBLOCK, so one swapped for a named pipe is
 # refused, not waited on forever.
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+# File systems on a local device (or in memory), where an announced file is read ahead by the
+# kernel without a round trip. A share mounted across a network (nfs, cifs, fuse.sshfs) is not
+# one, nor is a type not listed here: the importer then treats it as it always did.
+LOCAL_FILESYSTEMS = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "jfs", "reiserfs",
+                               "bcachefs", "tmpfs", "ramfs", "overlay", "vfat", "exfat", "ntfs3", "hfsplus"})
+
+
+def filesystem_in(mountinfo: bytes, path: bytes) -> str | None:
+    """The type of the file system holding the absolute, resolved ``path``, from the text of
+    ``/proc/self/mountinfo`` (the innermost mount; the latest one mounted over the same point)."""
+    best, found = -1, None
+    for line in mountinfo.splitlines():
+        fields = line.split(b" ")
+        if b"-" not in fields[6:]:
+            continue
+        # Spaces, tabs, newlines and backslashes in a mount point are written as octal escapes.
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        inside = path == point or path.startswith(point.rstrip(b"/") + b"/")
+        if inside and len(point) >= best:
+            best, found = len(point), fields[fields.index(b"-", 6) + 1].decode(errors="replace")
+    return found
+
+
+def filesystem_of(path: bytes) -> str | None:
+    """The file system type of ``path`` on this machine; None where it cannot be told (no /proc)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            return filesystem_in(f.read(), os.path.realpath(path))
+    except OSError:
+        return None
 
 
 class LocalNasClient(NasClient):
@@ -60,6 +91,7 @@ class LocalNasClient(NasClient):
         self._timed: list[tuple[float, float]] = []  # (wall, thread CPU) of each timed call
         self.share_waits: bool | None = None  # decided from the timed calls
         self._pool: ThreadPoolExecutor | None = None
+        self.announces_reads = filesystem_of(self.base) in LOCAL_FILESYSTEMS
 
     def _abs(self, rel: bytes) -> bytes:
         return os.path.join(self.base, rel) if rel else self.base
