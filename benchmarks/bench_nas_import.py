@@ -220,9 +220,9 @@ def _import_plain(args: tuple) -> None:
     from craftflow_migrations.nas.importer import import_batch
     from craftflow_migrations.settings import get_settings
 
-    url, env, files, over_sftp = args
+    url, env, files, over_sftp, root = args
     os.environ.update(env)
-    client = open_client(get_settings().nas) if over_sftp else LocalNasClient(CORPUS)
+    client = open_client(get_settings().nas) if over_sftp else LocalNasClient(root)
     try:
         import_batch(client, get_engine(url), files, store.EPOCH, get_settings().nas, "floor",
                      logging.getLogger("floor"))
@@ -230,8 +230,9 @@ def _import_plain(args: tuple) -> None:
         client.close()
 
 
-def floor_without_dagster(url: str, env: dict, cores: int, over_sftp: bool) -> float:
-    """The import's own batches, one plain process per core: no runs, steps or event log."""
+def floor_without_dagster(url: str, env: dict, cores: int, over_sftp: bool, root: Path = CORPUS) -> float:
+    """The import's own batches of the files under ``root``, one plain process per core: no
+    runs, steps or event log. Rows, thumbnails and packs are written as the steps write them."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -240,7 +241,7 @@ def floor_without_dagster(url: str, env: dict, cores: int, over_sftp: bool) -> f
     from craftflow_migrations.nas.clients import LocalNasClient
     from craftflow_migrations.nas.listing import list_nas
 
-    with LocalNasClient(CORPUS) as local:
+    with LocalNasClient(root) as local:
         files = [f for listing in list_nas(local)[0].values() for f in listing.files]
     batches = plan_batches(files, 500 * MB, cores)
     with get_engine(url).begin() as conn:
@@ -248,7 +249,7 @@ def floor_without_dagster(url: str, env: dict, cores: int, over_sftp: bool) -> f
     with ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("spawn")) as pool:
         list(pool.map(_warm, range(cores)))  # interpreter start-up is not the import's cost
         started = time.perf_counter()
-        list(pool.map(_import_plain, [(url, env, batch, over_sftp) for batch in batches]))
+        list(pool.map(_import_plain, [(url, env, batch, over_sftp, root) for batch in batches]))
         return time.perf_counter() - started
 
 
@@ -661,6 +662,7 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     env = fresh_env(server, one)
     wall, busy, phases, _ = nas_only(server, env, "small")
     print_run(f"{n:,} small PNGs in one folder", wall, busy, phases, cpu / cores, 1.5, cores)
+    small_wall = wall
     rerun, _, _, _ = nas_only(server, env, "small re-run")
     print(f"  {'  re-run, unchanged':44} {rerun:7.1f} s  -> {100 * rerun / wall:.1f}% of the import"
           f"  (target <= 15%: {'met' if rerun <= 0.15 * wall else 'NOT met'})")
@@ -668,6 +670,13 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     os.utime(touched, ns=(time.time_ns(), time.time_ns()))
     _, _, _, out = nas_only(server, env, "touch one")
     print(f"  {'  one file touched':44} {[line for line in out.splitlines() if line.startswith('NAS import')][0]}")
+    # The same batches in plain processes, on a fresh database: what the import costs on these
+    # cores without Dagster, its start-up, the listing and the duplicates.
+    env = fresh_env(server, one)
+    floor = floor_without_dagster(env["DATABASE_URL"], env, cores, over_sftp=False, root=one)
+    print(f"  {'  floor on these cores, no orchestration':44} {floor:7.1f} s  -> {floor / (cpu / cores):.2f}x the "
+          f"ideal: the import's batches in {cores} plain processes; the rest of the import, "
+          f"{small_wall - floor:.1f} s, is Dagster, start-up, listing, duplicates and exit")
     env = fresh_env(server, one, sshd.env(one))
     wall, busy, phases, _ = nas_only(server, env, "small over sshd")
     print_run("  the same files over sshd", wall, busy, phases, cpu / cores, None, cores)
