@@ -264,8 +264,9 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     file system (``NasClient.announces_reads``) announcing is tried for one window before the
     thread is, however slow the reads: the first window after a cache was dropped read 0.28 ms
     a file on one machine, over the thread's bar, and the thread's hand-overs then cost a batch
-    70-80% more than announcing did. Announcing that made the next window's reads no cheaper
-    stops, and the thread follows. A share mounted across a network goes to the thread at once.
+    40-80% more than announcing did. Announcing that made the next window's reads no cheaper
+    stops, and the thread follows. A share mounted across a network goes to the thread after
+    its first window, as before.
 
     A read that waited for the GIL says nothing about the NAS: a quantile shrugs off a few,
     and files read while ``fair()`` is false are not timed at all. While the batch's writer
