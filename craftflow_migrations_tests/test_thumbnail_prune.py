@@ -31,6 +31,18 @@ def _import(url: str, base, settings: NasSettings) -> None:
                  had_rows=frozenset())
 
 
+def _import_then_drop_gone(url: str, tmp_path, counts: dict, size: tuple[int, int]):
+    """``counts`` imported into one pack folder, then the shop 'Gone''s rows deleted: its
+    thumbnails are no longer shown. The engine and the pack folder."""
+    base, folder = tmp_path / "nas", tmp_path / "thumbs"
+    write_corpus(base, counts, size=size)
+    _import(url, base, NasSettings(thumbnail_dir=str(folder)))
+    engine = get_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM design_images WHERE shop = 'Gone'"))
+    return engine, folder
+
+
 def _shown(engine, folder) -> dict[str, bytes]:
     with engine.connect() as conn:
         shas = conn.execute(text("SELECT DISTINCT sha256 FROM design_images WHERE status = 'ok'")).scalars().all()
@@ -94,12 +106,8 @@ def test_a_pack_that_does_not_read_back_is_left_and_said(migrated_url, tmp_path,
     """Its last live record does not read back: the copy made of the records before is deleted
     again, and the pack stays as it was."""
     monkeypatch.setattr(thumbnail_prune, "REWRITE_CHUNK", 1)
-    base, folder = tmp_path / "nas", tmp_path / "thumbs"
-    write_corpus(base, {("Kept", "T"): 2, ("Gone", "T"): 8}, size=(300, 200))
-    _import(migrated_url, base, NasSettings(thumbnail_dir=str(folder)))
-    engine = get_engine(migrated_url)
+    engine, folder = _import_then_drop_gone(migrated_url, tmp_path, {("Kept", "T"): 2, ("Gone", "T"): 8}, (300, 200))
     with engine.begin() as conn:
-        conn.execute(text("DELETE FROM design_images WHERE shop = 'Gone'"))
         offset = conn.execute(text("SELECT max(pack_offset) FROM design_thumbnails t JOIN design_images d "
                                    "USING (sha256) WHERE d.shop = 'Kept'")).scalar_one()
     (pack,) = folder.rglob("*.pack")
@@ -254,12 +262,7 @@ def test_the_weekly_schedule_runs_the_prune_as_a_dagster_job(migrated_url, insta
 
     from craftflow_migrations.definitions import defs
 
-    base, folder = tmp_path / "nas", tmp_path / "thumbs"
-    write_corpus(base, {("Kept", "T"): 1, ("Gone", "T"): 3}, size=(120, 80))
-    _import(migrated_url, base, NasSettings(thumbnail_dir=str(folder)))
-    engine = get_engine(migrated_url)
-    with engine.begin() as conn:
-        conn.execute(text("DELETE FROM design_images WHERE shop = 'Gone'"))
+    engine, folder = _import_then_drop_gone(migrated_url, tmp_path, {("Kept", "T"): 1, ("Gone", "T"): 3}, (120, 80))
     monkeypatch.setenv("CRAFTFLOW_THUMBNAIL_DIR", str(folder))
 
     schedule = defs.get_schedule_def("thumbnail_prune_weekly")

@@ -286,8 +286,10 @@ def fetch_in_order(client: NasClient, files: Sequence[NasFile], budget: int, may
     ahead = _Announcer(client, files, window_files, cold_read_s)
     for i, f in enumerate(files):
         if len(reads) >= window_files:
-            slow, hashing = statistics.quantiles(reads, n=4)[0], statistics.median(work)
-            ahead.judge(statistics.median(reads), i)
+            # The second quartile is the median: one sort of the window's reads for both.
+            slow, median_read, _ = statistics.quantiles(reads, n=4)
+            hashing = statistics.median(work)
+            ahead.judge(median_read, i)
             if slow > waiting_share * hashing and not (client.announces_reads and ahead.on_trial):
                 if slow > hashing:
                     # Reads slower than the hashing: one thread reading ahead would fall behind,

@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import cached_property
 from typing import TypeVar
 
 from .base import Entry, NasClient, NasError
@@ -91,7 +92,12 @@ class LocalNasClient(NasClient):
         self._timed: list[tuple[float, float]] = []  # (wall, thread CPU) of each timed call
         self.share_waits: bool | None = None  # decided from the timed calls
         self._pool: ThreadPoolExecutor | None = None
-        self.announces_reads = filesystem_of(self.base) in LOCAL_FILESYSTEMS
+
+    @cached_property
+    def announces_reads(self) -> bool:
+        # Asked only once a batch's reads are seen slow: opening a client (each sensor tick's
+        # listing) does not read /proc/self/mountinfo.
+        return filesystem_of(self.base) in LOCAL_FILESYSTEMS
 
     def _abs(self, rel: bytes) -> bytes:
         return os.path.join(self.base, rel) if rel else self.base

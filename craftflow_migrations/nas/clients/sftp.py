@@ -646,7 +646,7 @@ class SftpNasClient(NasClient):
         except Exception as exc:  # noqa: BLE001 - decided per file below
             if not self.connected():  # every file still unanswered gets the lost connection
                 out = [item or (None, exc) for item in out]
-            # else (a reply paramiko could not parse): those files are read again one at a time
+            # else (a reply that could not be parsed): those files are read again one at a time
         finally:
             requests.forget(asked)
             self._close_unwaited(handles.values(), last=True)
