@@ -21,7 +21,8 @@ JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then print
 every shape of NAS against its ideal: the large corpus over sshd (with its floor on these cores
 without orchestration), 100,000 small files in one folder, local (warm and from a cold page
 cache) and over sshd (with one batch's per-file cost in one process), 3,000 folders against the
-same files in one folder (and over sshd), and the re-runs.
+same files in one folder (and over sshd), and the re-runs; then what a thumbnail adds to a file's
+hashing, by image size (``--thumbnails-only`` prints just that, in about 20 s).
 """
 
 from __future__ import annotations
@@ -188,6 +189,53 @@ def thumbnail_cpu_seconds(files: list[Path]) -> float:
             make_thumbnail(image, data)
             total += time.process_time() - started
     return total
+
+
+def thumbnail_share() -> None:
+    """What a thumbnail adds to a file's hashing, by image size: the small PNGs of the shapes
+    are their own thumbnails, so their runs never show it. Generated designs and photographs,
+    and real photographs that installed packages ship (``benchmarks.real_photos``); each figure
+    the fastest of three passes."""
+    from benchmarks.real_photos import photographs
+    from craftflow_migrations.nas.hashing import make_thumbnail
+    from craftflow_migrations_tests.support import photo_like
+
+    def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+        out = io.BytesIO()
+        image.save(out, fmt, **options)
+        return out.getvalue()
+
+    def hashing_ms(data: bytes, repeat: int) -> float:
+        started = time.process_time()
+        for _ in range(repeat):
+            describe_image(data, thumbnail=False)
+        return (time.process_time() - started) / repeat * 1000
+
+    def thumbnail_ms(data: bytes, repeat: int) -> float:
+        spent = 0.0
+        for _ in range(repeat):
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()  # the decoded image the pHash had
+                started = time.process_time()
+                make_thumbnail(image, data)
+                spent += time.process_time() - started
+        return spent / repeat * 1000
+
+    cases = [("300x300 PNG", encoded(photo_like(300, 300, 3), "PNG")),
+             ("640x480 JPEG", encoded(photo_like(640, 480, 4), "JPEG", quality=85)),
+             ("1000x1000 RGBA PNG", encoded(design(5, 1000, 1000, alpha=True), "PNG", compress_level=1)),
+             ("2600x2000 RGBA PNG", encoded(design(2, 2600, 2000, alpha=True), "PNG", compress_level=1)),
+             ("4000x3000 JPEG", encoded(design(7, 4000, 3000, alpha=False), "JPEG", quality=95))]
+    cases += [(f"{name} {image.width}x{image.height} JPEG", encoded(image, "JPEG", quality=90))
+              for name, image in photographs() if name in ("china", "grace_hopper", "DepartmentStore")]
+    print("  thumbnails at import, against the same file's hashing (sha256, decoding, pHash):")
+    for label, data in cases:
+        with Image.open(io.BytesIO(data)) as probe:
+            repeat = max(2, min(100, int(2e7 // (probe.width * probe.height))))
+        hashing = min(hashing_ms(data, repeat) for _ in range(3))
+        thumbnail = min(thumbnail_ms(data, repeat) for _ in range(3))
+        print(f"      {label:34} {len(data) / 1024:8,.0f} KB  hashing {hashing:7.2f} ms, thumbnail {thumbnail:6.2f} ms"
+              f" -> {100 * thumbnail / hashing:4.0f}%")
 
 
 def ideal_cpu_seconds(files: list[Path]) -> float:
@@ -690,6 +738,7 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     wall, busy, phases, _ = nas_only(server, env, "small, cold page cache")
     print_run("  the same, from a cold page cache", wall, busy, phases, cpu / cores, None, cores)
     per_file_cost(server, sshd, one, 20_000)
+    thumbnail_share()
 
     drop_shape_databases(server)
 
@@ -701,7 +750,11 @@ def main() -> None:
     parser.add_argument("--shapes-only", action="store_true", help="only the nas-only shapes and re-runs")
     parser.add_argument("--small-files", type=int, default=100_000)
     parser.add_argument("--folders", type=int, default=3_000)
+    parser.add_argument("--thumbnails-only", action="store_true", help="only what a thumbnail adds to hashing")
     args = parser.parse_args()
+    if args.thumbnails_only:
+        thumbnail_share()
+        return
 
     from craftflow_migrations_tests.support import PostgresServer, SshServer
 

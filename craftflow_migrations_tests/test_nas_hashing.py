@@ -260,3 +260,44 @@ def test_every_mode_and_shape_pillow_opens_imports_with_a_browser_thumbnail():
         thumb.load()
         assert thumb.format in ("JPEG", "PNG", "GIF", "WEBP"), (name, thumb.format)
         assert thumb.size == shown, (name, thumb.size)
+
+
+def test_a_thumbnail_has_the_size_pillow_would_give_it():
+    import random
+
+    from craftflow_migrations.nas.hashing import thumbnail_size
+
+    rng = random.Random(3)
+    for _ in range(2_000):
+        width = rng.choice((rng.randint(1, 300), rng.randint(1, 4_000)))
+        height = rng.choice((rng.randint(1, 20), rng.randint(1, 4_000)))
+        image = Image.new("1", (width, height))
+        image.thumbnail((224, 224))
+        assert thumbnail_size(width, height) == image.size, (width, height)
+
+
+def test_a_transparent_design_is_shown_on_white_without_a_dark_edge():
+    """Under a design's transparent pixels lies a colour nobody sees. Shrunk, the design's
+    edge must blend with white, as it shows on a page, never with that hidden colour; partly
+    transparent paint is paint over white."""
+    def design(size: tuple[int, int], hidden: tuple[int, int, int]) -> bytes:
+        w, h = size
+        image = Image.new("RGBA", size, (*hidden, 0))
+        ImageDraw.Draw(image).ellipse((w // 10, h // 10, w - w // 10, h - h // 10), fill=(220, 30, 30, 255))
+        ImageDraw.Draw(image).rectangle((0, 0, w // 20, h // 20), fill=(0, 0, 255, 128))  # half see-through
+        return _encoded(image, "PNG")
+
+    def pixels(thumbnail: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(thumbnail)).convert("RGB")).astype(int)
+
+    for size in ((1800, 1800), (700, 500), (230, 230)):
+        over_black, over_green = (describe_image(design(size, hidden)).thumbnail for hidden in ((0, 0, 0), (0, 255, 0)))
+        assert over_black == over_green, size
+        flat = Image.new("RGB", size, "white")
+        with Image.open(io.BytesIO(design(size, (0, 0, 0)))) as image:
+            flat.paste(image, mask=image.getchannel("A"))
+        on_white = pixels(describe_image(_encoded(flat, "PNG")).thumbnail)
+        thumb = pixels(over_black)
+        assert np.abs(thumb - on_white).mean() < 1.5, size
+        assert np.abs(thumb[1, 1] - (127, 127, 255)).max() <= 12, (size, thumb[1, 1])
+        assert thumb[-1, -1].min() >= 245, size
