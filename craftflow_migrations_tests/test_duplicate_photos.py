@@ -104,20 +104,34 @@ def test_report_pages_a_large_scope_and_every_thumbnail_loads(tmp_path):
     Image.open(stored[0]).verify()
 
 
-def test_thumbnail_scores_are_the_same_in_a_process_pool(monkeypatch):
+def test_thumbnails_join_the_same_pairs_in_a_process_pool(monkeypatch):
     from craftflow_migrations.duplicates import similarity
     from craftflow_migrations.nas.hashing import describe_image
 
     samples = [s for s in corpus() if s.source.startswith(("china", "aero"))][:24]
     thumbs = {str(k): describe_image(s.data).thumbnail for k, s in enumerate(samples)}
     thumbs["broken"] = b"not a picture"
-    pairs = [(str(a), str(b)) for a in range(len(samples)) for b in range(a + 1, len(samples))]
-    pairs += [("0", "missing"), ("0", "broken")]
+    pairs = [(a, b, str(a), str(b)) for a in range(len(samples)) for b in range(a + 1, len(samples))]
+    # Two components of the candidate graph, and pairs no thumbnail can decide.
+    components = [pairs, [(100, 101, "0", "missing"), (100, 102, "0", "broken")]]
     monkeypatch.setattr(similarity, "PARALLEL_FROM", 1)
-    alone = similarity.score_pairs(pairs, thumbs, workers=1)
-    pooled = similarity.score_pairs(pairs, thumbs, workers=2)
-    assert alone[-2:] == pooled[-2:] == [None, None]
-    # BLAS may block a product differently on one thread: equal to rounding.
-    assert all(abs(a - b) < 1e-5 for a, b in zip(alone[:-2], pooled[:-2], strict=True))
-    same = {(a, b) for (a, b), v in zip(pairs, alone, strict=True) if v is not None and v >= similarity.SAME_PICTURE}
-    assert all(samples[int(a)].source == samples[int(b)].source for a, b in same) and same
+    alone = similarity.confirm_pairs(components, thumbs, workers=1)
+    pooled = similarity.confirm_pairs(components, thumbs, workers=2)
+    assert set(alone.joins) == set(pooled.joins) and alone.joins and alone.unchecked == pooled.unchecked == 2
+    assert (alone.checked, alone.confirmed) == (pooled.checked, pooled.confirmed)
+    assert all(samples[a].source == samples[b].source for a, b in alone.joins)
+    # Every pair scored: the same components, with pairs joined already never scored.
+    everything = {(a, b) for a, b, sa, sb in pairs
+                  if similarity.score(similarity.features(thumbs[sa]), similarity.features(thumbs[sb]))
+                  >= similarity.SAME_PICTURE}
+    assert alone.checked < len(pairs) and alone.confirmed == len(alone.joins)
+    assert _components(everything) == _components(set(alone.joins))
+
+
+def _components(edges: set[tuple[int, int]]) -> set[frozenset[int]]:
+    groups: dict[int, set[int]] = {}
+    for a, b in edges:
+        joined = groups.get(a, {a}) | groups.get(b, {b})
+        for member in joined:
+            groups[member] = joined
+    return {frozenset(g) for g in groups.values()}

@@ -186,30 +186,37 @@ def cluster(words: np.ndarray, scopes: np.ndarray, shas: Sequence[str], matching
 
 def _confirm(band: np.ndarray, labels: np.ndarray, shas: Sequence[str], matching: Matching,
              thumbnails: ThumbnailSource, result: Clustering) -> None:
-    """Join the pairs of the candidate band that the thumbnails confirm.
+    """Join the pairs of the candidate band (closest first) that the thumbnails confirm.
 
-    Every pair not already joined by stronger evidence is scored (joins commute, so the
-    order does not matter); pairs sharing an image sit together for the feature cache.
+    Joins are transitive and commute, so the pairs are decided component by component of the
+    graph they draw between the groups so far, and one already joined through others is never
+    scored (:func:`similarity.confirm_pairs`): the components come out the same as scoring
+    every pair would make them.
     """
     todo = band[labels[band[:, 0]] != labels[band[:, 1]]]
     if not len(todo):
         return
-    todo = todo[np.lexsort((todo[:, 1], todo[:, 0]))]
+    left, right = labels[todo[:, 0]], labels[todo[:, 1]]
+    count = int(labels.max()) + 1
+    coo_matrix, connected_components = load_sparse()
+    graph = coo_matrix((np.ones(len(todo), dtype=np.int8), (left, right)), shape=(count, count))
+    part = connected_components(graph, directed=False)[1][left]
+    order = np.argsort(part, kind="stable")  # each component's pairs still closest first
+    bounds = np.flatnonzero(np.diff(part[order])) + 1
+    components = [[(int(labels[i]), int(labels[j]), shas[i], shas[j]) for i, j in todo[chunk].tolist()]
+                  for chunk in np.split(order, bounds)]
     needed = sorted({shas[i] for i in np.unique(todo)})
     stored: dict[str, bytes] = {}
     for start in range(0, len(needed), 2000):
         stored.update(thumbnails(needed[start:start + 2000]))
-    scores = similarity.score_pairs([(shas[i], shas[j]) for i, j in todo.tolist()], stored)
-    components = UnionFind(int(labels.max()) + 1)
-    for (i, j), value in zip(todo.tolist(), scores, strict=True):
-        if value is None:
-            result.unchecked_pairs += 1
-            continue
-        result.checked_pairs += 1
-        if value >= matching.same_picture:
-            result.confirmed_pairs += 1
-            components.union(int(labels[i]), int(labels[j]))
-    root = np.array([components.find(c) for c in range(len(components.parent))])
+    outcome = similarity.confirm_pairs(components, stored, matching.same_picture)
+    result.checked_pairs += outcome.checked
+    result.confirmed_pairs += outcome.confirmed
+    result.unchecked_pairs += outcome.unchecked
+    joined = UnionFind(count)
+    for a, b in outcome.joins:
+        joined.union(a, b)
+    root = np.array([joined.find(c) for c in range(count)])
     result.labels = root[labels]
 
 
