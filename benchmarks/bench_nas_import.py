@@ -21,13 +21,15 @@ JPEGs under a few shops and templates, serves it with OpenSSH's sshd, then print
 every shape of NAS against its ideal: the large corpus over sshd (with its floor on these cores
 without orchestration), 100,000 small files in one folder, local (warm and from a cold page
 cache) and over sshd (with one batch's per-file cost in one process), 3,000 folders against the
-same files in one folder (and over sshd), and the re-runs; then what a thumbnail adds to a file's
+same files in one folder (and over sshd), the re-runs, and 8,000 mid-size photographs cut from real
+ones (``benchmarks/.corpus_photos``); then what a thumbnail adds to a file's
 hashing, by image size (``--thumbnails-only`` prints just that, in about 20 s).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import os
@@ -366,6 +368,47 @@ def ensure_small_corpora(files: int, folders: int) -> tuple[Path, Path, Path, Pa
             for j in range(2):
                 os.link(flat / "Flat Shop" / "All" / f"f{i:05d}-{j}.png", order / f"d{j}.png")
     return one, many, flat, nested
+
+
+PHOTOS = Path(__file__).parent / ".corpus_photos"
+
+
+@functools.lru_cache(maxsize=1)
+def _photo_sources() -> list[Image.Image]:
+    from benchmarks.real_photos import photographs
+
+    return [image.convert("RGB") for _, image in photographs()]
+
+
+def _write_photo(i: int) -> None:
+    """One 640x480 JPEG cut from a real photograph (a random crop of half to all of it, flipped
+    or not, its own noise): one shop's prints of eight pictures, each in many crops."""
+    sources = _photo_sources()
+    rng = np.random.default_rng(i)
+    source = sources[i % len(sources)]
+    w, h = source.size
+    cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = source.crop((x, y, x + cw, y + ch)).resize((640, 480), Image.Resampling.BILINEAR)
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    noisy = np.asarray(image).astype(np.int16) + rng.integers(-6, 7, (480, 640, 3), dtype=np.int16)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(
+        PHOTOS / "Photo Shop" / "Prints" / f"photo {i:05d}.jpg", quality=85)
+
+
+def ensure_photo_corpus(count: int) -> Path:
+    """``count`` mid-size photographs (640x480 JPEG, ~65 KB) in one folder: thumbnails cost about
+    half their hashing, and most files are candidate duplicates of others."""
+    import multiprocessing
+
+    folder = PHOTOS / "Photo Shop" / "Prints"
+    folder.mkdir(parents=True, exist_ok=True)
+    have = len(os.listdir(folder))
+    if have < count:
+        with multiprocessing.get_context("spawn").Pool(usable_cores()) as pool:
+            pool.map(_write_photo, range(have, count), chunksize=50)
+    return PHOTOS
 
 
 def evict_from_page_cache(root: Path) -> int:
@@ -738,6 +781,18 @@ def shapes(server, sshd, cores: int, large_files: list[Path], small_files: int, 
     wall, busy, phases, _ = nas_only(server, env, "small, cold page cache")
     print_run("  the same, from a cold page cache", wall, busy, phases, cpu / cores, None, cores)
     per_file_cost(server, sshd, one, 20_000)
+
+    # Photographs a thumbnail must be made for, most of them duplicates' candidates.
+    photos = ensure_photo_corpus(8_000)
+    n, cpu = ideal_of(photos)
+    env = fresh_env(server, photos)
+    wall, busy, phases, _ = nas_only(server, env, "photos")
+    print_run(f"{n:,} photographs (640x480 JPEG) in one folder", wall, busy, phases, cpu / cores, None, cores)
+    env = fresh_env(server, photos)
+    floor = floor_without_dagster(env["DATABASE_URL"], env, cores, over_sftp=False, root=photos)
+    print(f"  {'  floor on these cores, no orchestration':44} {floor:7.1f} s  -> {floor / (cpu / cores):.2f}x the "
+          f"ideal (thumbnails included, which the ideal leaves out); the rest, {wall - floor:.1f} s, is Dagster, "
+          f"start-up, listing, duplicates and exit")
     thumbnail_share()
 
     drop_shape_databases(server)
