@@ -301,3 +301,28 @@ def test_a_transparent_design_is_shown_on_white_without_a_dark_edge():
         assert np.abs(thumb - on_white).mean() < 1.5, size
         assert np.abs(thumb[1, 1] - (127, 127, 255)).max() <= 12, (size, thumb[1, 1])
         assert thumb[-1, -1].min() >= 245, size
+
+
+def test_every_mode_is_reduced_to_a_thumbnail_when_large():
+    """Large images go through the box reduction first, whatever their mode."""
+    rng = np.random.default_rng(1)
+    h, w = 700, 1000
+    grey, rgb = rng.integers(0, 255, (h, w), dtype=np.uint8), rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    cases = {
+        "L": _encoded(Image.fromarray(grey), "PNG"),
+        "LA": _encoded(Image.fromarray(rng.integers(0, 255, (h, w, 2), dtype=np.uint8), "LA"), "PNG"),
+        "1": _encoded(Image.fromarray(grey).convert("1"), "PNG"),
+        "P": _encoded(Image.fromarray(rgb).convert("P"), "PNG"),
+        "P, transparent": _encoded(Image.fromarray(rgb).convert("P"), "GIF", transparency=3),
+        "RGB, a transparent colour": _encoded(Image.fromarray(rgb), "PNG", transparency=(1, 2, 3)),
+        "L, a transparent grey": _encoded(Image.fromarray(grey), "PNG", transparency=5),
+        "I;16": _encoded(Image.fromarray(rng.integers(0, 65_535, (h, w), dtype=np.uint16)), "PNG"),
+        "F": _encoded(Image.fromarray(rng.random((h, w), dtype=np.float32)), "TIFF"),
+        "CMYK": _encoded(Image.new("CMYK", (w, h), (10, 20, 30, 40)), "JPEG"),
+        "RGBA": _encoded(Image.fromarray(rng.integers(0, 255, (h, w, 4), dtype=np.uint8), "RGBA"), "WEBP"),
+    }
+    for name, data in cases.items():
+        facts = describe_image(data)
+        assert facts.ok and facts.thumbnail, name
+        with Image.open(io.BytesIO(facts.thumbnail)) as thumb:
+            assert (thumb.format, thumb.size) == ("JPEG", (224, 157)), (name, thumb.format, thumb.size)
