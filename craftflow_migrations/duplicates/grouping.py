@@ -26,6 +26,7 @@ import numpy as np
 from ..long_lived import long_lived
 from . import similarity
 from .candidates import HASH_BITS, candidate_pairs, hamming
+from .union_find import UnionFind
 
 # Measured on generated and real photographs (benchmarks/bench_duplicate_quality.py):
 # re-encoded, resized, brightened copies are 0-18 bits apart; unrelated photographs 56 or more.
@@ -101,24 +102,6 @@ def hash_words(hashes: Sequence[str]) -> np.ndarray:
     """(n, 4) uint64 from 64-hex-digit hashes."""
     raw = np.frombuffer(bytes.fromhex("".join(hashes)), dtype=">u8").reshape(len(hashes), 4)
     return raw.astype(np.uint64)
-
-
-class UnionFind:
-    def __init__(self, n: int):
-        self.parent = list(range(n))
-
-    def find(self, x: int) -> int:
-        while self.parent[x] != x:
-            self.parent[x] = self.parent[self.parent[x]]
-            x = self.parent[x]
-        return x
-
-    def union(self, a: int, b: int) -> bool:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return False
-        self.parent[max(ra, rb)] = min(ra, rb)
-        return True
 
 
 def _row_codes(columns: np.ndarray) -> np.ndarray:
@@ -213,10 +196,12 @@ def _confirm(band: np.ndarray, labels: np.ndarray, shas: Sequence[str], matching
     result.checked_pairs += outcome.checked
     result.confirmed_pairs += outcome.confirmed
     result.unchecked_pairs += outcome.unchecked
-    joined = UnionFind(count)
+    joined = UnionFind()
     for a, b in outcome.joins:
         joined.union(a, b)
-    root = np.array([joined.find(c) for c in range(count)])
+    root = np.arange(count)
+    for label in list(joined.parent):
+        root[label] = joined.find(label)
     result.labels = root[labels]
 
 

@@ -31,6 +31,8 @@ from threadpoolctl import threadpool_limits
 
 from craftflow_migrations.settings import usable_cores
 
+from .union_find import UnionFind
+
 SAME_PICTURE = 0.72
 MAX_CROP = 0.12  # of each dimension, the two sides together
 _BASE = 64  # px: the thumbnail reduced to this square first (windows are fractions of it)
@@ -140,20 +142,12 @@ class Confirmation:
         self.unchecked += other.unchecked
 
 
-def _root(parent: dict[int, int], x: int) -> int:
-    while parent.get(x, x) != x:
-        grand = parent.get(parent[x], parent[x])
-        parent[x] = grand  # halve the path on the way up
-        x = grand
-    return x
-
-
 def _confirm_component(pairs: Sequence[Pair], thumbnails: Mapping[str, bytes], same_picture: float,
                        out: Confirmation) -> None:
     """The pairs in the order given (closest first); a pair whose two sides are already joined,
     through pairs confirmed before it, is not scored at all: it could join nothing. An image's
     features are made once while its component is decided."""
-    parent: dict[int, int] = {}
+    joined = UnionFind()
 
     @lru_cache(maxsize=_FEATURES_KEPT)
     def of(sha: str) -> np.ndarray | None:
@@ -161,8 +155,7 @@ def _confirm_component(pairs: Sequence[Pair], thumbnails: Mapping[str, bytes], s
         return features(data) if data else None
 
     for a, b, sha_a, sha_b in pairs:
-        ra, rb = _root(parent, a), _root(parent, b)
-        if ra == rb:
+        if joined.find(a) == joined.find(b):
             continue
         fa, fb = of(sha_a), of(sha_b)
         if fa is None or fb is None:
@@ -171,7 +164,7 @@ def _confirm_component(pairs: Sequence[Pair], thumbnails: Mapping[str, bytes], s
         out.checked += 1
         if score(fa, fb) >= same_picture:
             out.confirmed += 1
-            parent[max(ra, rb)] = min(ra, rb)
+            joined.union(a, b)
             out.joins.append((a, b))
 
 
